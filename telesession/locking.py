@@ -1,0 +1,167 @@
+"""Per-key locks: between the threads of a process, and between processes on one host.
+
+``KeyLocks`` gives one owner per key among threads, re-entrant for the owning
+thread, with entries only for keys held or awaited right now, so memory does not
+grow with every chat ever seen.  ``RangeLockFile`` gives one owner per key among
+processes with POSIX record locks on one byte of a single lock file per store,
+opened once per process: no file is opened per update, and the kernel drops
+the locks of a process that dies, so a killed bot never leaves a stale lock.
+"""
+import hashlib
+import os
+import threading
+import time
+from typing import Dict, Hashable, List, Optional
+
+__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for"]
+
+try:  # POSIX
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+class _Entry:
+    __slots__ = ("lock", "owner", "depth", "waiters")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: Optional[int] = None
+        self.depth = 0
+        self.waiters = 0
+
+
+class KeyLocks:
+    """Re-entrant per-key exclusion among the threads of one process."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._entries: Dict[str, _Entry] = {}
+
+    def acquire(self, key: str, timeout: float) -> bool:
+        """Take ``key`` for this thread; ``False`` if another thread kept it past ``timeout`` seconds."""
+        me = threading.get_ident()
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry()
+            elif entry.owner == me:
+                entry.depth += 1
+                return True
+            entry.waiters += 1
+        got = entry.lock.acquire(timeout=max(timeout, 0.0))
+        with self._mutex:
+            entry.waiters -= 1
+            if got:
+                entry.owner = me
+                entry.depth = 1
+            elif entry.waiters == 0 and entry.owner is None:
+                del self._entries[key]
+        return got
+
+    def release(self, key: str) -> None:
+        """Give ``key`` back; the entry disappears when nobody holds or awaits it."""
+        with self._mutex:
+            entry = self._entries[key]
+            if entry.owner != threading.get_ident():
+                raise RuntimeError(f"key {key!r} is not held by this thread")
+            entry.depth -= 1
+            if entry.depth:
+                return
+            entry.owner = None
+            if entry.waiters == 0:
+                del self._entries[key]
+            entry.lock.release()
+
+    def holds(self, key: str) -> bool:
+        """Whether the calling thread holds ``key``."""
+        entry = self._entries.get(key)
+        return entry is not None and entry.owner == threading.get_ident()
+
+    def __len__(self) -> int:
+        """Keys held or awaited right now (0 when idle: the registry does not grow)."""
+        return len(self._entries)
+
+    def held(self) -> List[str]:
+        """The keys held right now, by any thread."""
+        with self._mutex:
+            return [k for k, e in self._entries.items() if e.owner is not None]
+
+
+def _offset(key: str) -> int:
+    """Byte offset of ``key``'s record lock: a 62-bit hash, so distinct keys practically never share one."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return 1 + (int.from_bytes(digest, "big") >> 2)  # offset 0 is the whole-store lock
+
+
+class RangeLockFile:
+    """Per-key exclusion among processes: a POSIX record lock on one byte per key of one lock file.
+
+    Record locks belong to the process, so threads must first be serialized by
+    ``KeyLocks``; and closing any descriptor of the file drops all of them, so the
+    file is opened once per process and location and shared (``range_lock_file_for``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+
+    def acquire(self, key: Optional[str], timeout: float) -> bool:
+        """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
+        if fcntl is None:  # pragma: no cover - no cross-process locking without POSIX locks
+            return True
+        offset = 0 if key is None else _offset(key)
+        deadline = time.monotonic() + timeout
+        delay = 0.0002
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                return True
+            except (BlockingIOError, PermissionError):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.01)
+
+    def release(self, key: Optional[str]) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0 if key is None else _offset(key))
+
+
+_registry_mutex = threading.Lock()
+_key_locks: Dict[Hashable, KeyLocks] = {}
+_lock_files: Dict[str, RangeLockFile] = {}
+
+
+def key_locks_for(location: Hashable) -> KeyLocks:
+    """The one ``KeyLocks`` of a store location in this process: managers over one store share it."""
+    with _registry_mutex:
+        locks = _key_locks.get(location)
+        if locks is None:
+            locks = _key_locks[location] = KeyLocks()
+        return locks
+
+
+def range_lock_file_for(path: str) -> RangeLockFile:
+    """The one open ``RangeLockFile`` of ``path`` in this process."""
+    path = os.path.realpath(path)
+    with _registry_mutex:
+        lock_file = _lock_files.get(path)
+        if lock_file is None:
+            lock_file = _lock_files[path] = RangeLockFile(path)
+        return lock_file
+
+
+def _after_fork_in_child() -> None:
+    # A forked worker must not inherit the parent's thread-lock state (a key held by a
+    # parent thread would stay held forever) nor share its lock-file descriptors.
+    global _registry_mutex
+    _registry_mutex = threading.Lock()
+    _key_locks.clear()
+    _lock_files.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

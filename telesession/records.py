@@ -1,0 +1,137 @@
+"""The record format every store holds, and strict JSON for session values.
+
+A record is one UTF-8 JSON object::
+
+    {"version": 2, "written": 1764064000.123, "key": "123", "data": {"count": 7}}
+
+``data`` is the session (a dataclass session is stored as its fields),
+``version`` the schema version it was written with (``Sessions(version=...)``),
+``written`` the Unix time of the write (what ``ttl`` measures from) and ``key``
+the session key, so a record is self-describing wherever it is found.
+
+Values must survive a JSON round trip exactly: dicts with ``str`` keys, lists,
+``str``, ``int``, finite ``float``, ``bool`` and ``None``.  Anything else (a
+tuple, an ``int`` dict key, a ``set``, ``nan``) raises ``SerializationError``
+naming the path, e.g. ``session["cart"][2]``, instead of being silently changed.
+"""
+import dataclasses
+import json
+import math
+from typing import Any, Optional, Tuple
+
+from .errors import CorruptSessionError, SerializationError
+
+__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "to_plain", "from_plain"]
+
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"),
+                           check_circular=True).encode
+_decode = json.JSONDecoder().decode
+
+
+def to_plain(value: Any) -> Any:
+    """The JSON-able form of a session: a dataclass session becomes a dict of its fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return value
+
+
+def from_plain(cls: Optional[type], data: Any, key: str, where: str) -> Any:
+    """Rebuild a session of dataclass ``cls`` (or keep a plain value) from stored ``data``."""
+    if cls is None:
+        return data
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if not isinstance(data, dict) or set(data) - names:
+        extra = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
+        raise CorruptSessionError(
+            f"session {key!r} ({where}) does not match {cls.__name__}: unexpected {extra}; "
+            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
+            key, where)
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise CorruptSessionError(
+            f"session {key!r} ({where}) does not match {cls.__name__}: {exc}; "
+            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
+            key, where) from exc
+
+
+def encode_data(plain: Any, key: str, where: str, root: str = "session") -> str:
+    """Serialize session data to compact JSON; ``SerializationError`` names the offending path."""
+    try:
+        return _encode(plain)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _explain(plain, key, where, root) or SerializationError(
+            f"session {key!r} cannot be stored ({where}): {exc}", key, where, root) from exc
+
+
+def check_round_trip(plain: Any, text: str, key: str, where: str, root: str = "session") -> None:
+    """Refuse data that JSON would silently change (tuples, non-str keys) before it is written."""
+    if _decode(text) != plain:
+        raise _explain(plain, key, where, root) or SerializationError(
+            f"session {key!r} would not read back as written ({where})", key, where, root)
+
+
+def build_record(key: str, data_json: str, version: int, written: float) -> bytes:
+    """The bytes of a record whose data is the already encoded ``data_json``."""
+    return ('{"version":%d,"written":%.6f,"key":%s,"data":%s}'
+            % (version, written, _encode(key), data_json)).encode("utf-8", "surrogatepass")
+
+
+def parse_record(raw: bytes, key: str, where: str) -> Tuple[Any, int, Optional[float]]:
+    """``(data, version, written)`` of a stored record; ``CorruptSessionError`` if unreadable."""
+    try:
+        obj = _decode(raw.decode("utf-8", "surrogatepass"))
+        data = obj["data"]
+        version = int(obj.get("version", 0))
+        written = obj.get("written")
+        written = None if written is None else float(written)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        preview = raw[:60]
+        raise CorruptSessionError(
+            f"session {key!r} is unreadable ({where}): {type(exc).__name__}: {exc}; "
+            f"starts with {preview!r}. It was left untouched: repair or remove it "
+            f"(telesession rm URL {key})", key, where) from exc
+    return data, version, written
+
+
+def _explain(value: Any, key: str, where: str, root: str) -> Optional[SerializationError]:
+    """Find the first value JSON cannot store faithfully, and say where it is."""
+    stack = [(value, root)]
+    seen = set()
+    while stack:
+        node, path = stack.pop()
+        problem = None
+        if isinstance(node, bool) or node is None or isinstance(node, (str, int)):
+            continue
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                problem = f"is {node!r}, which JSON cannot hold"
+        elif isinstance(node, dict):
+            if id(node) in seen:
+                problem = "refers back to itself (a cycle)"
+            else:
+                seen.add(id(node))
+                for k, v in node.items():
+                    if not isinstance(k, str):
+                        return SerializationError(
+                            f"session {key!r} cannot be stored ({where}): {path} has the key {k!r} "
+                            f"of type {type(k).__name__}; JSON keys must be strings (use str({k!r}))",
+                            key, where, path)
+                    stack.append((v, f"{path}[{json.dumps(k, ensure_ascii=False)}]"))
+        elif isinstance(node, list):
+            if id(node) in seen:
+                problem = "refers back to itself (a cycle)"
+            else:
+                seen.add(id(node))
+                stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            problem = (f"is a {type(node).__name__} dataclass; only the session itself may be a "
+                       f"dataclass (store its fields as a dict)")
+        elif isinstance(node, tuple):
+            problem = "is a tuple, which JSON would turn into a list; use a list"
+        else:
+            problem = f"is a {type(node).__name__}, which JSON cannot store"
+        if problem:
+            return SerializationError(
+                f"session {key!r} cannot be stored ({where}): {path} {problem}", key, where, path)
+    return None

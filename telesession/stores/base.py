@@ -1,0 +1,131 @@
+"""The ``Store`` protocol: what a backend implements, in one file, to hold sessions.
+
+A store keeps opaque records (``bytes``, see ``telesession.records``) by string
+key and provides a lock per key.  Serialization, change detection, expiry,
+migrations and error wording live above the stores, in the manager, once.
+
+A backend implements ``load``, ``save``, ``delete``, ``keys`` and ``describe``,
+and names its ``location``.  Locking comes from the base class: among threads
+by ``telesession.locking.KeyLocks`` shared by every store object on the same
+location; a backend that is shared between processes adds its own exclusion by
+overriding ``_lock_external`` and ``_unlock_external``.
+"""
+import abc
+import os
+import time
+from typing import Any, Hashable, Iterator, Optional
+
+from ..errors import LockTimeout
+from ..locking import KeyLocks, key_locks_for
+
+__all__ = ["Store"]
+
+
+class Store(abc.ABC):
+    """Where sessions live.  Subclasses must be safe to call from many threads at once."""
+
+    #: Identity of the place the records live (a resolved path, a Redis address + prefix).
+    #: Store objects with equal locations share one lock per key.
+    location: Hashable
+
+    #: Whether ``save`` and ``delete`` check ``previous`` and raise ``ConflictError``.
+    conditional: bool = False
+
+    _locks: Optional[KeyLocks] = None
+    _locks_pid: int = -1
+
+    # -- what a backend implements -------------------------------------------------------
+
+    @abc.abstractmethod
+    def load(self, key: str) -> Optional[bytes]:
+        """The record stored under ``key``, or ``None``."""
+
+    @abc.abstractmethod
+    def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
+             ttl: Optional[float] = None) -> None:
+        """Store ``record`` atomically: a crash leaves the old record or the new one.
+
+        ``previous`` is the record loaded under the current lock (``None``: there was
+        none); a ``conditional`` store raises ``ConflictError`` when the stored record
+        is no longer ``previous``.  ``ttl`` (seconds) lets a store with native expiry
+        drop the record itself; expiry is enforced above the stores either way.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
+        """Remove ``key``; no error if it is absent."""
+
+    @abc.abstractmethod
+    def keys(self) -> Iterator[str]:
+        """Every stored key, in no particular order."""
+
+    @abc.abstractmethod
+    def describe(self, key: str) -> str:
+        """Where ``key``'s record lives, for error messages: a file, a row, a Redis key."""
+
+    # -- locking ------------------------------------------------------------------------
+
+    def _thread_locks(self) -> KeyLocks:
+        pid = os.getpid()
+        if self._locks_pid != pid:  # first use, or a forked child: take this process's registry
+            self._locks = key_locks_for(self.location)
+            self._locks_pid = pid
+        return self._locks  # type: ignore[return-value]
+
+    def acquire(self, key: str, timeout: float) -> Any:
+        """Take ``key`` exclusively (re-entrant per thread); ``LockTimeout`` after ``timeout``.
+
+        Returns a token to pass to ``release``.
+        """
+        locks = self._thread_locks()
+        if locks.holds(key):
+            locks.acquire(key, 0)
+            return None  # re-entered: the outer holder owns the external lock
+        deadline = time.monotonic() + timeout
+        if not locks.acquire(key, timeout):
+            raise self._timeout(key, timeout)
+        try:
+            token = self._lock_external(key, max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            locks.release(key)
+            raise
+        return token
+
+    def release(self, key: str, token: Any) -> None:
+        """Give back a lock taken with ``acquire``."""
+        locks = self._thread_locks()
+        try:
+            if token is not None:
+                self._unlock_external(key, token)
+        finally:
+            locks.release(key)
+
+    def _lock_external(self, key: str, timeout: float) -> Any:
+        """Exclude other processes/machines from ``key``; return a non-``None`` token.
+
+        The default (a store private to this process) has nothing to do.
+        """
+        return True
+
+    def _unlock_external(self, key: str, token: Any) -> None:
+        """Undo ``_lock_external``."""
+
+    def _timeout(self, key: str, timeout: float) -> LockTimeout:
+        return LockTimeout(
+            f"could not lock session {key!r} within {timeout:g} s: another handler holds it "
+            f"({self.describe(key)}); raise lock_timeout or make the handler faster",
+            key, self.describe(key))
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release connections and files; the store must not be used afterwards."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"

@@ -1,0 +1,45 @@
+"""``from_url``: a store from one string, for configuration files and the CLI."""
+from typing import Any
+from urllib.parse import unquote
+
+from .base import Store
+
+__all__ = ["from_url", "SCHEMES"]
+
+SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P, rediss://..."
+
+
+def from_url(url: str, **options: Any) -> Store:
+    """Open the store that ``url`` names; ``options`` go to the store's constructor.
+
+    ``memory://``, ``json:PATH``, ``shelve:PATH``, ``sqlite:PATH`` (``sqlite:///abs/path``
+    works too), ``redis://[:password@]host:port/db?prefix=...`` and ``rediss://`` for TLS.
+    """
+    scheme, sep, rest = url.partition(":")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"not a store URL: {url!r}; use one of {SCHEMES}")
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore(**options)
+    if scheme in ("json", "shelve", "sqlite"):
+        path = unquote(rest[2:] if rest.startswith("//") else rest)
+        if not path:
+            raise ValueError(f"store URL {url!r} names no path; use e.g. {scheme}:data/sessions")
+        if scheme == "json":
+            from .jsonfile import JSONFileStore
+
+            return JSONFileStore(path, **options)
+        if scheme == "shelve":
+            from .shelf import ShelveStore
+
+            return ShelveStore(path, **options)
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(path, **options)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url, **options)
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; use one of {SCHEMES}")
