@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Dict, Hashable, List, Optional
 
-__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for"]
+__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for", "held_keys"]
 
 try:  # POSIX
     import fcntl
@@ -142,6 +142,13 @@ def key_locks_for(location: Hashable) -> KeyLocks:
         if locks is None:
             locks = _key_locks[location] = KeyLocks()
         return locks
+
+
+def held_keys() -> List[str]:
+    """Every key held right now in this process, over all store locations (for leak checks)."""
+    with _registry_mutex:
+        registries = list(_key_locks.values())
+    return [key for locks in registries for key in locks.held()]
 
 
 def range_lock_file_for(path: str) -> RangeLockFile:

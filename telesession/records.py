@@ -17,7 +17,7 @@ naming the path, e.g. ``session["cart"][2]``, instead of being silently changed.
 import dataclasses
 import json
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import CorruptSessionError, SerializationError
 
@@ -27,6 +27,13 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",",
                            check_circular=True).encode
 _decode = json.JSONDecoder().decode
 
+#: Where a record lives, for error messages: a string, or a callable computing it only when needed.
+Where = Union[str, Callable[[], str]]
+
+
+def _where(where: Where) -> str:
+    return where if isinstance(where, str) else where()
+
 
 def to_plain(value: Any) -> Any:
     """The JSON-able form of a session: a dataclass session becomes a dict of its fields."""
@@ -35,10 +42,11 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def from_plain(cls: Optional[type], data: Any, key: str, where: str) -> Any:
+def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Any:
     """Rebuild a session of dataclass ``cls`` (or keep a plain value) from stored ``data``."""
     if cls is None:
         return data
+    where = _where(where)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     if not isinstance(data, dict) or set(data) - names:
         extra = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
@@ -55,20 +63,20 @@ def from_plain(cls: Optional[type], data: Any, key: str, where: str) -> Any:
             key, where) from exc
 
 
-def encode_data(plain: Any, key: str, where: str, root: str = "session") -> str:
+def encode_data(plain: Any, key: str, where: Where, root: str = "session") -> str:
     """Serialize session data to compact JSON; ``SerializationError`` names the offending path."""
     try:
         return _encode(plain)
     except (TypeError, ValueError, RecursionError) as exc:
         raise _explain(plain, key, where, root) or SerializationError(
-            f"session {key!r} cannot be stored ({where}): {exc}", key, where, root) from exc
+            f"session {key!r} cannot be stored ({_where(where)}): {exc}", key, _where(where), root) from exc
 
 
-def check_round_trip(plain: Any, text: str, key: str, where: str, root: str = "session") -> None:
+def check_round_trip(plain: Any, text: str, key: str, where: Where, root: str = "session") -> None:
     """Refuse data that JSON would silently change (tuples, non-str keys) before it is written."""
     if _decode(text) != plain:
         raise _explain(plain, key, where, root) or SerializationError(
-            f"session {key!r} would not read back as written ({where})", key, where, root)
+            f"session {key!r} would not read back as written ({_where(where)})", key, _where(where), root)
 
 
 def build_record(key: str, data_json: str, version: int, written: float) -> bytes:
@@ -77,7 +85,7 @@ def build_record(key: str, data_json: str, version: int, written: float) -> byte
             % (version, written, _encode(key), data_json)).encode("utf-8", "surrogatepass")
 
 
-def parse_record(raw: bytes, key: str, where: str) -> Tuple[Any, int, Optional[float]]:
+def parse_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float]]:
     """``(data, version, written)`` of a stored record; ``CorruptSessionError`` if unreadable."""
     try:
         obj = _decode(raw.decode("utf-8", "surrogatepass"))
@@ -86,6 +94,7 @@ def parse_record(raw: bytes, key: str, where: str) -> Tuple[Any, int, Optional[f
         written = obj.get("written")
         written = None if written is None else float(written)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        where = _where(where)
         preview = raw[:60]
         raise CorruptSessionError(
             f"session {key!r} is unreadable ({where}): {type(exc).__name__}: {exc}; "
@@ -94,8 +103,9 @@ def parse_record(raw: bytes, key: str, where: str) -> Tuple[Any, int, Optional[f
     return data, version, written
 
 
-def _explain(value: Any, key: str, where: str, root: str) -> Optional[SerializationError]:
+def _explain(value: Any, key: str, where: Where, root: str) -> Optional[SerializationError]:
     """Find the first value JSON cannot store faithfully, and say where it is."""
+    where = _where(where)
     stack = [(value, root)]
     seen = set()
     while stack:

@@ -1,0 +1,134 @@
+"""The active sessions of this thread, and the ``session`` proxy that reaches them.
+
+A ``ContextVar`` holds a tuple of frames, innermost last.  A frame is pushed when
+a handler's session is opened and removed in ``finally`` when it closes; pool
+threads are reused, so nothing may stay behind.  Frames are removed by identity,
+not by ``ContextVar.reset``, because telebot runs middleware ``post_process``
+hooks in registration order, not in reverse.
+"""
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
+
+from .errors import NoActiveSession
+
+__all__ = ["SessionProxy", "session", "active_frames", "push", "remove"]
+
+_stack: ContextVar[Tuple[Any, ...]] = ContextVar("telesession_stack", default=())
+
+UNBOUND = ("no session is active: decorate the handler with @with_session (or "
+           "@sessions.with_session), call sessions.setup(bot), or use `with sessions.open(key):`")
+
+
+def active_frames() -> Tuple[Any, ...]:
+    """The frames bound in this thread, innermost last."""
+    return _stack.get()
+
+
+def push(frame: Any) -> None:
+    _stack.set(_stack.get() + (frame,))
+
+
+def remove(frame: Any) -> None:
+    stack = _stack.get()
+    if stack and stack[-1] is frame:
+        _stack.set(stack[:-1])
+    else:
+        _stack.set(tuple(f for f in stack if f is not frame))
+
+
+def _innermost() -> Any:
+    stack = _stack.get()
+    if not stack:
+        raise NoActiveSession(UNBOUND)
+    return stack[-1].handle.value()
+
+
+class SessionProxy(MutableMapping):  # type: ignore[type-arg]
+    """Stands for a session that is looked up on every use.
+
+    Item access works for dict sessions, attribute access for dataclass sessions;
+    ``delete()`` drops the whole session (removed from the store when the handler
+    returns).  ``proxy.__wrapped__`` is the session object itself.
+    """
+
+    __slots__ = ("_resolve", "_delete")
+
+    def __init__(self, resolve: Callable[[], Any], delete: Optional[Callable[[], None]] = None) -> None:
+        object.__setattr__(self, "_resolve", resolve)
+        object.__setattr__(self, "_delete", delete)
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self._resolve()
+
+    def delete(self) -> None:
+        """Drop this session: it is deleted from the store after the handler returns."""
+        if self._delete is None:
+            stack = _stack.get()
+            if not stack:
+                raise NoActiveSession(UNBOUND)
+            stack[-1].handle.delete()
+        else:
+            self._delete()
+
+    def __getitem__(self, item: Any) -> Any:
+        return self._resolve()[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        self._resolve()[item] = value
+
+    def __delitem__(self, item: Any) -> None:
+        del self._resolve()[item]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._resolve())
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._resolve()
+
+    def get(self, item: Any, default: Any = None) -> Any:
+        return self._resolve().get(item, default)
+
+    def setdefault(self, item: Any, default: Any = None) -> Any:
+        return self._resolve().setdefault(item, default)
+
+    def keys(self) -> Any:  # type: ignore[override]
+        return self._resolve().keys()
+
+    def items(self) -> Any:  # type: ignore[override]
+        return self._resolve().items()
+
+    def values(self) -> Any:  # type: ignore[override]
+        return self._resolve().values()
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, SessionProxy):
+            other = other._resolve()
+        return bool(self._resolve() == other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self) -> bool:
+        return bool(self._resolve())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resolve(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._resolve(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._resolve(), name)
+
+    def __repr__(self) -> str:
+        try:
+            return f"<session {self._resolve()!r}>"
+        except NoActiveSession:
+            return "<session (none active)>"
+
+
+#: The innermost active session of this thread.
+session: Any = SessionProxy(_innermost)

@@ -1,0 +1,195 @@
+"""``JSONFileStore``: one JSON file per session key in a directory; threads and processes on one host.
+
+File names keep every key inside the directory and distinct keys distinct: the
+characters ``a-z 0-9 _ -`` (and ``.`` after the first character) stand for
+themselves, every other byte of the key's UTF-8 is written ``%XX``; so chat
+``-1001234`` lives in ``-1001234.json`` and ``../x`` in ``%2E.%2Fx.json``.  A name
+that would exceed 200 bytes is cut and ends in ``~`` plus a SHA-256 of the key;
+the record itself names its key.  The empty key is ``%.json``.
+
+Saves write a temporary file (mode 0600), ``fsync`` it (unless ``fsync=False``),
+and ``os.replace`` it over the record: a crash leaves the old file or the new
+one.  Processes exclude each other per key with record locks on one byte of
+``.lock`` in the directory (opened once per process; a killed process's locks
+vanish with it).
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Iterator, Optional
+from urllib.parse import unquote_to_bytes
+
+from ..errors import StoreError
+from ..locking import range_lock_file_for
+from .base import Store
+
+__all__ = ["JSONFileStore", "key_to_filename", "filename_to_key"]
+
+logger = logging.getLogger("telesession")
+
+_PLAIN = re.compile(r"[a-z0-9_\-][a-z0-9_.\-]*\Z")
+_KEEP = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-.")
+_SUFFIX = ".json"
+_MAX_NAME = 200
+_STALE_TEMP_SECONDS = 3600
+
+
+def key_to_filename(key: str) -> str:
+    """The file name of ``key``: injective, never a path, never hidden, at most 205 bytes."""
+    if _PLAIN.match(key) and len(key) <= _MAX_NAME:
+        return key + _SUFFIX
+    if not key:
+        return "%" + _SUFFIX
+    parts = []
+    for i, ch in enumerate(key):
+        if ch in _KEEP and (i or ch != "."):
+            parts.append(ch)
+        else:
+            parts.extend("%%%02X" % b for b in ch.encode("utf-8", "surrogatepass"))
+    name = "".join(parts)
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        name = name[:_MAX_NAME - 65].rstrip("%0123456789ABCDEF") + "~" + digest
+    return name + _SUFFIX
+
+
+def filename_to_key(name: str) -> Optional[str]:
+    """The key of a file name made by ``key_to_filename``; ``None`` for hashed (long) names."""
+    stem = name[:-len(_SUFFIX)]
+    if "~" in stem:
+        return None
+    if stem == "%":
+        return ""
+    return unquote_to_bytes(stem).decode("utf-8", "surrogatepass")
+
+
+class JSONFileStore(Store):
+    """Sessions as ``DIRECTORY/<key>.json`` files (directory created mode 0700)."""
+
+    def __init__(self, directory: str, *, fsync: bool = True) -> None:
+        self.directory = os.path.abspath(directory)
+        self.fsync = fsync
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the session directory {self.directory}: {exc.strerror}",
+                             None, self.directory) from exc
+        if not os.path.isdir(self.directory):
+            raise StoreError(f"{self.directory} is not a directory", None, self.directory)
+        self.location = ("json", os.path.realpath(self.directory))
+        self._lock_path = os.path.join(self.directory, ".lock")
+        self._counter = 0
+        self._counter_mutex = threading.Lock()
+        self._remove_stale_temp_files()
+
+    def path(self, key: str) -> str:
+        """The file that holds ``key``."""
+        return os.path.join(self.directory, key_to_filename(key))
+
+    def describe(self, key: str) -> str:
+        return f"file {self.path(key)}"
+
+    # -- records --------------------------------------------------------------------
+
+    def load(self, key: str) -> Optional[bytes]:
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._error("read", key, path, exc) from exc
+
+    def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
+             ttl: Optional[float] = None) -> None:
+        path = self.path(key)
+        with self._counter_mutex:
+            self._counter += 1
+            n = self._counter
+        temp = os.path.join(self.directory, f".{os.getpid()}-{n}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                view = memoryview(record)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+            raise self._error("write", key, path, exc) from exc
+
+    def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
+        path = self.path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error("delete", key, path, exc) from exc
+
+    def keys(self) -> Iterator[str]:
+        with os.scandir(self.directory) as entries:
+            names = [e.name for e in entries if e.name.endswith(_SUFFIX) and not e.name.startswith(".")]
+        for name in names:
+            key = filename_to_key(name)
+            if key is None:  # a long key: the record names it
+                try:
+                    with open(os.path.join(self.directory, name), "rb") as f:
+                        key = json.loads(f.read()).get("key")
+                except (OSError, ValueError, AttributeError):
+                    logger.warning("cannot read the key of %s", os.path.join(self.directory, name))
+                    continue
+                if not isinstance(key, str):
+                    continue
+            yield key
+
+    # -- locking --------------------------------------------------------------------
+
+    def _lock_external(self, key: str, timeout: float) -> object:
+        try:
+            lock_file = range_lock_file_for(self._lock_path)
+        except OSError as exc:
+            raise self._error("lock", key, self._lock_path, exc) from exc
+        if not lock_file.acquire(key, timeout):
+            raise self._timeout(key, timeout)
+        return lock_file
+
+    def _unlock_external(self, key: str, token: object) -> None:
+        token.release(key)  # type: ignore[attr-defined]
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _error(self, verb: str, key: str, path: str, exc: OSError) -> StoreError:
+        reason = exc.strerror or str(exc)
+        return StoreError(f"cannot {verb} session {key!r} ({path}): {reason}"
+                          f"{' [errno ' + str(exc.errno) + ']' if exc.errno else ''}", key, path)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writers killed mid-save: harmless, but don't let them pile up."""
+        cutoff = time.time() - _STALE_TEMP_SECONDS
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                        try:
+                            if entry.stat().st_mtime < cutoff:
+                                os.unlink(entry.path)
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"JSONFileStore({self.directory!r})"

@@ -1,0 +1,329 @@
+"""``SQLiteStore``: every session a row of one SQLite database (WAL); production on one host.
+
+Layout: one table ``sessions(key TEXT PRIMARY KEY, record BLOB NOT NULL, written REAL,
+expires REAL)``, one row per key; ``expires`` is ``written + ttl`` when a ``ttl`` was
+given (``NULL`` otherwise) and only serves ``purge_expired``.  Every load and save is a
+primary-key lookup, so its cost does not grow with the number of rows.
+
+Locking: threads are serialized per key by the base class; processes by a POSIX record
+lock on one byte per key of ``PATH.lock`` (``telesession.locking.RangeLockFile``).  No
+database-wide lock is held while a handler runs: SQLite is only locked for the few
+microseconds of each write, and readers never wait for writers (WAL).
+"""
+import logging
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from typing import Any, Iterator, List, Optional, Union
+
+from ..errors import ConflictError, CorruptSessionError, StoreError
+from ..locking import RangeLockFile, range_lock_file_for
+from .base import Store
+
+__all__ = ["SQLiteStore"]
+
+logger = logging.getLogger("telesession")
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_PAGE = 500  # keys read per query by keys(): no read transaction stays open between pages
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS sessions ("
+    " key TEXT PRIMARY KEY NOT NULL,"
+    " record BLOB NOT NULL,"
+    " written REAL,"
+    " expires REAL)",
+    "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires) WHERE expires IS NOT NULL",
+)
+
+# Connections inherited through fork() belong to the parent: closing them in the child could
+# disturb the parent's locks, so a child keeps them referenced (never used, never closed).
+_inherited: List[sqlite3.Connection] = []
+
+
+class _Connection:
+    """One thread's connection; closed when the thread ends and its thread-local goes away."""
+
+    __slots__ = ("conn", "pid", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            try:
+                self.conn.close()
+            except sqlite3.Error:  # pragma: no cover - closing is best effort
+                pass
+        else:
+            _inherited.append(self.conn)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class SQLiteStore(Store):
+    """Sessions in one SQLite database file, safe for many threads and processes on one host.
+
+    ``path``: the database file, created owner-only (0600) with its parent directory if
+    missing; ``PATH.lock`` holds the per-key process locks, and SQLite adds ``PATH-wal`` and
+    ``PATH-shm`` with the database's mode.  ``synchronous`` is SQLite's durability setting:
+    ``"NORMAL"`` (default) never corrupts the database and, in WAL mode, may lose the last
+    writes on power loss (not on a process crash); ``"FULL"`` syncs every write (~7x slower
+    here); ``"OFF"`` leaves syncing to the OS.  ``timeout`` (seconds) is how long a write
+    waits for another connection's write to finish before failing with ``StoreError``.
+
+    Each thread uses its own connection, and a forked child opens its own instead of
+    reusing the parent's.  Saves are conditional (``conditional = True``).
+    """
+
+    conditional = True
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], *, synchronous: str = "NORMAL",
+                 timeout: float = 10.0) -> None:
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous={synchronous!r}: use one of {', '.join(_SYNCHRONOUS)}")
+        self.synchronous = sync
+        self.timeout = float(timeout)
+        path = os.path.abspath(os.fspath(path))
+        self._create_file(path)
+        self.path = os.path.realpath(path)
+        self.location = ("sqlite", self.path)
+        self._local = threading.local()
+        self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
+        self._mutex = threading.Lock()
+        self._closed = False
+        self._lock_file: Optional[RangeLockFile] = None
+        self._lock_file_pid = -1
+        self._initialize()
+
+    # -- files and connections ----------------------------------------------------------
+
+    @staticmethod
+    def _create_file(path: str) -> None:
+        """Create the database file owner-only before SQLite sees it (umask-independent)."""
+        parent = os.path.dirname(path)
+        try:
+            if not os.path.isdir(parent):
+                os.makedirs(parent, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot create the SQLite database {path}: {exc}", None, path) from exc
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+    def _initialize(self) -> None:
+        """Switch the database to WAL and create the table, or say clearly why not."""
+        conn = self._conn(None)
+        where = self.path
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning("SQLite database %s stays in journal_mode=%s (WAL unavailable here): "
+                               "readers and writers will wait for each other", where, mode)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+        except sqlite3.Error as exc:
+            raise self._error(exc, None, where, "opening") from exc
+        missing = {"key", "record", "written", "expires"} - columns
+        if missing:
+            raise StoreError(
+                f"{where} has a table 'sessions' that is not telesession's (no column "
+                f"{', '.join(sorted(missing))}); use another database file", None, where)
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
+            self._owner_only(self.path + suffix)
+
+    @staticmethod
+    def _owner_only(path: str) -> None:
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(path, 0o600)
+        except OSError:
+            pass
+
+    def _conn(self, key: Optional[str]) -> sqlite3.Connection:
+        """This thread's connection in this process, opened on first use."""
+        holder = getattr(self._local, "conn", None)
+        if holder is not None and holder.pid == os.getpid():
+            return holder.conn
+        if self._closed:
+            raise StoreError(f"SQLiteStore({self.path!r}) is closed", key, self.path)
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc, key, self.path, "opening") from exc
+        try:
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc, key, self.path, "opening") from exc
+        holder = _Connection(conn)
+        self._local.conn = holder  # replaces (and, in a forked child, abandons) an inherited one
+        with self._mutex:
+            self._all.add(holder)
+        return conn
+
+    def _locks_file(self) -> RangeLockFile:
+        pid = os.getpid()
+        if self._lock_file_pid != pid:
+            self._lock_file = range_lock_file_for(self.path + ".lock")
+            self._lock_file_pid = pid
+        return self._lock_file  # type: ignore[return-value]
+
+    def _error(self, exc: BaseException, key: Optional[str], where: str, doing: str) -> StoreError:
+        text = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError) and (
+                "not a database" in text or "malformed" in text or "encrypted" in text):
+            return CorruptSessionError(
+                f"{self.path} is not a usable SQLite database ({text}) while {doing} "
+                f"{where}; it was left untouched: move it away or point SQLiteStore at another path",
+                key, where)
+        hint = ""
+        if "locked" in text or "busy" in text:
+            hint = f" after waiting {self.timeout:g} s for another writer (SQLiteStore timeout=)"
+        return StoreError(f"SQLite failed while {doing} {where}: {type(exc).__name__}: {text}{hint}",
+                          key, where)
+
+    # -- the Store protocol -------------------------------------------------------------
+
+    def describe(self, key: str) -> str:
+        return f"row {key!r} of {self.path}"
+
+    def load(self, key: str) -> Optional[bytes]:
+        conn = self._conn(key)
+        try:
+            row = conn.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            raise self._error(exc, key, self.describe(key), "reading") from exc
+        return None if row is None else bytes(row[0])
+
+    def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
+             ttl: Optional[float] = None) -> None:
+        """Write ``record`` only if the row is still ``previous`` (absent for ``None``)."""
+        written = time.time()
+        expires = None if ttl is None else written + ttl
+        conn = self._conn(key)
+        try:
+            if previous is None:
+                cur = conn.execute(
+                    "INSERT INTO sessions(key, record, written, expires) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(key) DO NOTHING", (key, record, written, expires))
+            else:
+                cur = conn.execute(
+                    "UPDATE sessions SET record=?, written=?, expires=? WHERE key=? AND record=?",
+                    (record, written, expires, key, previous))
+            changed = cur.rowcount
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            raise self._error(exc, key, self.describe(key), "writing") from exc
+        if changed != 1:
+            what = "was created" if previous is None else "was changed or deleted"
+            raise ConflictError(
+                f"session {key!r} {what} by another writer since it was loaded "
+                f"({self.describe(key)}); nothing was overwritten", key, self.describe(key))
+
+    def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
+        """Remove the row; with ``previous``, only if it is still that record.
+
+        ``previous=None`` deletes whatever is stored (what ``telesession rm`` wants); a row
+        that is already gone is not an error.
+        """
+        conn = self._conn(key)
+        try:
+            if previous is None:
+                conn.execute("DELETE FROM sessions WHERE key=?", (key,))
+                return
+            cur = conn.execute("DELETE FROM sessions WHERE key=? AND record=?", (key, previous))
+            if cur.rowcount == 1:
+                return
+            row = conn.execute("SELECT 1 FROM sessions WHERE key=?", (key,)).fetchone()
+        except (sqlite3.Error, UnicodeEncodeError) as exc:
+            raise self._error(exc, key, self.describe(key), "deleting") from exc
+        if row is not None:
+            raise ConflictError(
+                f"session {key!r} was changed by another writer since it was loaded "
+                f"({self.describe(key)}); it was not deleted", key, self.describe(key))
+
+    def keys(self) -> Iterator[str]:
+        """Every key, read in pages of 500 so no read transaction stays open while you iterate."""
+        after: Optional[str] = None
+        while True:
+            conn = self._conn(None)
+            try:
+                if after is None:
+                    rows = conn.execute("SELECT key FROM sessions ORDER BY key LIMIT ?", (_PAGE,)).fetchall()
+                else:
+                    rows = conn.execute("SELECT key FROM sessions WHERE key > ? ORDER BY key LIMIT ?",
+                                        (after, _PAGE)).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc, None, self.path, "listing") from exc
+            for (key,) in rows:
+                yield key
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0]
+
+    def purge_expired(self, now: Optional[float] = None) -> int:
+        """Delete the rows whose ``ttl`` has run out; returns how many.
+
+        A key some handler holds right now is skipped (it is in use, so about to be rewritten).
+        """
+        now = time.time() if now is None else now
+        conn = self._conn(None)
+        try:
+            expired = [k for (k,) in conn.execute(
+                "SELECT key FROM sessions WHERE expires IS NOT NULL AND expires < ?", (now,))]
+        except sqlite3.Error as exc:
+            raise self._error(exc, None, self.path, "purging") from exc
+        purged = 0
+        for key in expired:
+            try:
+                token = self.acquire(key, 0)
+            except (StoreError, TimeoutError):
+                continue
+            try:
+                cur = conn.execute("DELETE FROM sessions WHERE key=? AND expires IS NOT NULL AND expires < ?",
+                                   (key, now))
+                purged += cur.rowcount
+            except sqlite3.Error as exc:
+                raise self._error(exc, key, self.describe(key), "purging") from exc
+            finally:
+                self.release(key, token)
+        if purged:
+            logger.debug("purged %d expired sessions from %s", purged, self.path)
+        return purged
+
+    # -- locking between processes ------------------------------------------------------
+
+    def _lock_external(self, key: str, timeout: float) -> Any:
+        if not self._locks_file().acquire(key, timeout):
+            raise self._timeout(key, timeout)
+        return True
+
+    def _unlock_external(self, key: str, token: Any) -> None:
+        self._locks_file().release(key)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection this process opened; the store must not be used afterwards."""
+        self._closed = True
+        with self._mutex:
+            holders = list(self._all)
+            self._all = weakref.WeakSet()
+        for holder in holders:
+            holder.close()
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
