@@ -30,6 +30,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 _UNLOADED, _LOADED, _CLOSED = 0, 1, 2
 
 
+def _checked(key: str) -> str:
+    """A key must be valid UTF-8 (no lone surrogates): every store can then hold it."""
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"session key {key!r} is not valid Unicode text (a lone surrogate)") from None
+    return key
+
+
 class _Handle:
     """The state of one opened session: its lock, the record it was loaded from, its value."""
 
@@ -259,7 +269,7 @@ class Sessions(Generic[T]):
         """``with sessions.open("123") as s:`` — a session outside handlers, same locking and saving."""
         if not isinstance(key, str):
             raise TypeError(f"a session key is a str, not {type(key).__name__} ({key!r})")
-        return _Scope(self, key)
+        return _Scope(self, _checked(key))
 
     def setup(self, bot: Any, **options: Any) -> Any:
         """Install a ``SessionMiddleware`` on ``bot`` (a ``TeleBot(use_class_middlewares=True)``)."""
@@ -270,10 +280,10 @@ class Sessions(Generic[T]):
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""
         key = self.key(update)
-        if key is None or type(key) is str:
+        if key is None:
             return key
         if isinstance(key, str):
-            return str(key)
+            return _checked(str(key))
         raise TypeError(f"the key function {getattr(self.key, '__name__', self.key)!r} returned "
                         f"{key!r} ({type(key).__name__}); it must return a str or None")
 

@@ -216,6 +216,8 @@ def test_key_function_must_return_a_string():
         sessions.with_session(lambda update: None)(object())
     with pytest.raises(TypeError):
         sessions.open(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="surrogate"):
+        sessions.open("\udcff")
 
 
 def test_module_level_with_session_follows_configure(tmp_path):

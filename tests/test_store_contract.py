@@ -1,0 +1,178 @@
+"""One contract, every store: exact totals under threads and processes, hostile keys, bad data, permissions."""
+import json
+import multiprocessing
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+from support import hold_key, increment_in_process
+
+from telesession import Sessions, session
+from telesession.errors import CorruptSessionError, LockTimeout, SerializationError
+from telesession.records import build_record
+from telesession.stores import from_url
+
+HOSTILE_KEYS = ["../x", "/", "\\", ".", "..", "", "a/../../b", "C:\\evil", "ключ-🔑", "Ab", "ab", "a" * 300,
+                "é" * 300, "lock:x", "x", "%2F", "s:x", "~", " ", "\t\n", "-1001234567890:42"]
+
+fork = multiprocessing.get_context("fork")
+
+
+def sessions_for(url: str, **options) -> Sessions:
+    options.setdefault("initial", lambda: {"count": 0})
+    return Sessions(from_url(url), **options)
+
+
+def test_threads_on_one_key_lose_nothing(store_url):
+    sessions = sessions_for(store_url)
+    threads_n, per_thread = 16, 40
+
+    def work():
+        for _ in range(per_thread):
+            with sessions.open("hot"):
+                session["count"] += 1
+
+    threads = [threading.Thread(target=work) for _ in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with sessions.open("hot") as s:
+        assert s["count"] == threads_n * per_thread
+
+
+def test_processes_on_one_key_lose_nothing(shared_store_url):
+    procs, per_proc = 4, 60
+    with fork.Pool(procs) as pool:
+        done = pool.starmap(increment_in_process, [(shared_store_url, "hot", per_proc)] * procs)
+    assert done == [per_proc] * procs
+    with sessions_for(shared_store_url).open("hot") as s:
+        assert s["count"] == procs * per_proc
+
+
+def test_processes_and_threads_together(shared_store_url):
+    sessions = sessions_for(shared_store_url)
+    with fork.Pool(2) as pool:
+        result = pool.starmap_async(increment_in_process, [(shared_store_url, "k", 50)] * 2)
+
+        def work():
+            for _ in range(25):
+                with sessions.open("k"):
+                    session["count"] += 1
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert result.get(120) == [50, 50]
+    with sessions.open("k") as s:
+        assert s["count"] == 200
+
+
+def test_hostile_keys_stay_distinct_and_inside(store_url, tmp_path):
+    sessions = sessions_for(store_url)
+    for i, key in enumerate(HOSTILE_KEYS):
+        with sessions.open(key) as s:
+            s["count"] = i + 1
+    for i, key in enumerate(HOSTILE_KEYS):
+        with sessions.open(key) as s:
+            assert s["count"] == i + 1, key
+    assert sorted(sessions.store.keys()) == sorted(HOSTILE_KEYS)
+    directory = getattr(sessions.store, "directory", None)
+    if directory is not None:  # a file per key: all of them directly inside the store's directory
+        created = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
+        records = [p for p in created if p.endswith(".json")]
+        assert len(records) == len(HOSTILE_KEYS)
+        assert all(os.path.dirname(p) == directory for p in created), created
+
+
+def test_unserializable_value_leaves_store_unchanged(store_url):
+    sessions = sessions_for(store_url)
+    with sessions.open("1"):
+        session["count"] = 1
+    before = sessions.store.load("1")
+    with pytest.raises(SerializationError, match=r'session\["cart"\]\[2\]'):
+        with sessions.open("1"):
+            session["count"] = 2
+            session["cart"] = [1, 2, {3}]
+    assert sessions.store.load("1") == before
+
+
+def test_corrupt_record_raises_and_is_not_overwritten(store_url):
+    sessions = sessions_for(store_url)
+    sessions.store.save("bad", b"\x80not json{")
+    with pytest.raises(CorruptSessionError) as info:
+        with sessions.open("bad"):
+            session["count"] = 1
+    assert "'bad'" in str(info.value) and sessions.store.describe("bad") in str(info.value)
+    assert sessions.store.load("bad") == b"\x80not json{"
+
+
+def test_delete_and_keys(store_url):
+    sessions = sessions_for(store_url)
+    for key in ("a", "b", "c"):
+        with sessions.open(key) as s:
+            s["count"] = 1
+    with sessions.open("b") as s:
+        s.delete()
+    assert sorted(sessions.store.keys()) == ["a", "c"]
+    assert sessions.store.load("b") is None
+    sessions.store.delete("missing")  # no error
+
+
+def test_expiry_and_migration_work_on_every_store(store_url):
+    store = from_url(store_url)
+    store.save("old", build_record("old", '{"n":4}', 0, time.time()))
+    store.save("stale", build_record("stale", '{"count":9,"lang":"x"}', 1, time.time() - 3600))
+    sessions = Sessions(store, initial=lambda: {"count": 0, "lang": "en"}, ttl=60, version=1,
+                        migrations={1: lambda d: {"count": d["n"], "lang": "en"}})
+    with sessions.open("old") as s:
+        assert s == {"count": 4, "lang": "en"}
+    with sessions.open("stale") as s:
+        assert s == {"count": 0, "lang": "en"}
+    assert json.loads(store.load("old"))["version"] == 1
+
+
+@pytest.mark.parametrize("kind", ["json", "shelve"])
+def test_files_are_owner_only(kind, tmp_path):
+    url = {"json": f"json:{tmp_path / 'j'}", "shelve": f"shelve:{tmp_path / 's' / 'db'}"}[kind]
+    old = os.umask(0)
+    try:
+        sessions = sessions_for(url)
+        with sessions.open("1") as s:
+            s["count"] = 1
+    finally:
+        os.umask(old)
+    created = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
+    assert created
+    for path in created:
+        assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, path
+
+
+def test_other_process_holding_a_key_times_out_then_a_killed_holder_frees_it(shared_store_url):
+    ready = fork.Event()
+    holder = fork.Process(target=hold_key, args=(shared_store_url, "k", ready, 60))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        sessions = sessions_for(shared_store_url, lock_timeout=0.3)
+        with pytest.raises(LockTimeout, match="'k'"):
+            with sessions.open("k"):
+                pass
+        with sessions.open("other"):
+            pass
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join(10)
+        started = time.monotonic()
+        sessions = sessions_for(shared_store_url, lock_timeout=10)
+        with sessions.open("k") as s:
+            s["count"] += 1
+        assert time.monotonic() - started < 5  # the dead holder's lock did not linger
+    finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join()
