@@ -8,10 +8,12 @@ also wraps the bot's per-update task, and whatever a middleware scope left
 open when the task ends is released there without saving.
 """
 import logging
-from typing import Any, Optional
+import threading
+from typing import Any, List, Optional
 
 from . import context
 from .manager import Sessions, _Scope
+from .ordering import Sequencer
 
 __all__ = ["SessionMiddleware", "install"]
 
@@ -30,15 +32,45 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
 
     update_sensitive = False
 
-    def __init__(self, sessions: Sessions[Any], update_types: Optional[list] = None) -> None:
+    def __init__(self, sessions: Sessions[Any], update_types: Optional[list] = None,
+                 ordered: bool = False) -> None:
         super().__init__()
         self.sessions = sessions
         self.update_types = list(update_types or _UPDATE_TYPES)
+        #: With ordering, the tickets that keep each key's updates in arrival order.
+        self.sequencer: Optional[Sequencer] = Sequencer() if ordered else None
+        self._ticket_attr = f"_telesession_ticket_{id(self):x}"
 
     def pre_process(self, message: Any, data: dict) -> None:
         _release_leftovers(self)  # a previous update whose post_process never ran
-        scope = _Scope(self.sessions, self.sessions.key_of(message), origin=self)
+        key = self.sessions.key_of(message)
+        if self.sequencer is not None:
+            ticket = getattr(message, self._ticket_attr, None)
+            if ticket is not None:
+                self.sequencer.wait_turn(ticket, self.sessions.lock_timeout)
+        scope = _Scope(self.sessions, key, origin=self)
         data[self.sessions.name] = scope.__enter__()
+
+    def issue_ticket(self, update: Any) -> None:
+        """Give the update's content a ticket for its key, before it is queued."""
+        assert self.sequencer is not None
+        content = next((c for c in (getattr(update, t, None) for t in self.update_types)
+                        if c is not None), None)
+        if content is None:
+            return
+        try:
+            key = self.sessions.key_of(content)
+        except Exception:  # the key function fails again, loudly, in pre_process
+            return
+        if key is not None:
+            setattr(content, self._ticket_attr, self.sequencer.issue(key))
+
+    def finish_ticket(self, message: Any) -> None:
+        """Mark the update's ticket done, whatever happened to it (called when its task ends)."""
+        ticket = getattr(message, self._ticket_attr, None)
+        if ticket is not None and self.sequencer is not None:
+            delattr(message, self._ticket_attr)
+            self.sequencer.finish(ticket)
 
     def post_process(self, message: Any, data: dict, exception: Optional[BaseException]) -> None:
         for frame in reversed(context.active_frames()):
@@ -64,25 +96,65 @@ def _release_leftovers(origin: Any = None) -> None:
                 context.remove(frame)
 
 
-def install(sessions: Sessions[Any], bot: Any) -> SessionMiddleware:
-    """``Sessions.setup``: register the middleware and the end-of-task safety net on ``bot``."""
+def install(sessions: Sessions[Any], bot: Any, *, ordered: bool = False) -> SessionMiddleware:
+    """``Sessions.setup``: register the middleware and the end-of-task safety net on ``bot``.
+
+    ``ordered=True`` also runs the updates of one key strictly in arrival order
+    (``update_id`` order within a batch); other keys still run in parallel.
+    """
     if not getattr(bot, "use_class_middlewares", False):
         raise ValueError("sessions.setup(bot) needs a bot made with use_class_middlewares=True "
                          "(telebot.TeleBot(TOKEN, use_class_middlewares=True)); or decorate each "
                          "handler with @sessions.with_session instead")
-    middleware = SessionMiddleware(sessions)
-    bot.setup_middleware(middleware)
     run = getattr(bot, "_run_middlewares_and_handler", None)
+    if run is None:
+        if ordered:
+            raise ValueError("ordered=True needs telebot's _run_middlewares_and_handler, which this "
+                             "telebot version lacks")
+        logger.warning("telebot has no _run_middlewares_and_handler: a cancelled update keeps its "
+                       "session lock until the same worker thread handles another update")
+    middleware = SessionMiddleware(sessions, ordered=ordered)
+    bot.setup_middleware(middleware)
+    ours: List[SessionMiddleware] = bot.__dict__.setdefault("_telesession_middlewares", [])
+    ours.append(middleware)
     if run is not None and not getattr(run, "_telesession_guard", False):
-        def guarded(*args: Any, **kwargs: Any) -> Any:
+        def guarded(message: Any, *args: Any, **kwargs: Any) -> Any:
             try:
-                return run(*args, **kwargs)
+                return run(message, *args, **kwargs)
             finally:
-                _release_leftovers()
+                try:
+                    _release_leftovers()
+                finally:
+                    for mw in ours:
+                        mw.finish_ticket(message)
 
         guarded._telesession_guard = True  # type: ignore[attr-defined]
         bot._run_middlewares_and_handler = guarded
-    elif run is None:  # pragma: no cover - a telebot without this method: leftovers wait for the next update
-        logger.warning("telebot has no _run_middlewares_and_handler: a cancelled update keeps its "
-                       "session lock until the same worker thread handles another update")
+    if ordered:
+        _sequence_dispatch(bot, ours)
     return middleware
+
+
+def _sequence_dispatch(bot: Any, ours: List[SessionMiddleware]) -> None:
+    """Dispatch updates one by one in ``update_id`` order, issuing tickets as they are queued.
+
+    telebot queues a batch grouped by update type; dispatching one update at a time
+    makes the worker queue's order the tickets' order, so the earliest waiting
+    ticket is always taken by a worker first and no worker waits on an update
+    queued behind it.  One dispatcher at a time keeps that true across threads.
+    """
+    dispatch = bot.process_new_updates
+    if getattr(dispatch, "_telesession_guard", False):
+        return
+    mutex = threading.RLock()
+
+    def process_new_updates(updates: List[Any]) -> None:
+        with mutex:
+            for update in sorted(updates, key=lambda u: getattr(u, "update_id", 0) or 0):
+                for mw in ours:
+                    if mw.sequencer is not None:
+                        mw.issue_ticket(update)
+                dispatch([update])
+
+    process_new_updates._telesession_guard = True  # type: ignore[attr-defined]
+    bot.process_new_updates = process_new_updates
