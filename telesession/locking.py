@@ -21,6 +21,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
+ACQUIRED, REENTERED = 1, 2
+
+
 class _Entry:
     __slots__ = ("lock", "owner", "depth", "waiters")
 
@@ -38,16 +41,20 @@ class KeyLocks:
         self._mutex = threading.Lock()
         self._entries: Dict[str, _Entry] = {}
 
-    def acquire(self, key: str, timeout: float) -> bool:
-        """Take ``key`` for this thread; ``False`` if another thread kept it past ``timeout`` seconds."""
+    def acquire(self, key: str, timeout: float) -> int:
+        """Take ``key`` for this thread: ``ACQUIRED``, ``REENTERED`` (this thread held it already),
+        or ``0`` if another thread kept it past ``timeout`` seconds."""
         me = threading.get_ident()
         with self._mutex:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None:  # uncontended: take it right here
                 entry = self._entries[key] = _Entry()
-            elif entry.owner == me:
+                entry.lock.acquire()
+                entry.owner, entry.depth = me, 1
+                return ACQUIRED
+            if entry.owner == me:
                 entry.depth += 1
-                return True
+                return REENTERED
             entry.waiters += 1
         got = entry.lock.acquire(timeout=max(timeout, 0.0))
         with self._mutex:
@@ -57,7 +64,7 @@ class KeyLocks:
                 entry.depth = 1
             elif entry.waiters == 0 and entry.owner is None:
                 del self._entries[key]
-        return got
+        return ACQUIRED if got else 0
 
     def release(self, key: str) -> None:
         """Give ``key`` back; the entry disappears when nobody holds or awaits it."""

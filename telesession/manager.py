@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Uni
 
 from . import context, keys
 from .errors import CorruptSessionError, NoActiveSession
-from .records import build_record, check_round_trip, encode_data, from_plain, parse_record, to_plain
+from .records import build_record, check_round_trip, data_text, encode_data, from_plain, parse_record, to_plain
 from .stores.base import Store
 
 __all__ = ["Sessions", "configure", "default_sessions", "with_session"]
@@ -89,13 +89,14 @@ class _Handle:
             if raw is None:
                 self.data = m.initial()
                 self.baseline = encode_data(to_plain(self.data), key, self.where)
-            else:
-                if version != m.version:
-                    data = m._migrate(data, version, key, self.where)
+            elif version == m.version:
                 self.data = from_plain(m.dataclass, data, key, self.where)
-                # A migrated record is written back even if the handler changes nothing.
-                self.baseline = (encode_data(to_plain(self.data), key, self.where)
-                                 if version == m.version else None)
+                # Our own records carry the data's JSON verbatim: no need to encode it again.
+                self.baseline = data_text(raw) or encode_data(to_plain(self.data), key, self.where)
+            else:  # a migrated record is written back even if the handler changes nothing
+                data = m._migrate(data, version, key, self.where)
+                self.data = from_plain(m.dataclass, data, key, self.where)
+                self.baseline = None
         except BaseException:
             store.release(key, self.token)
             self.state = _CLOSED
@@ -131,7 +132,7 @@ class _Handle:
 
     def _commit(self) -> None:
         m, key = self.manager, cast(str, self.key)
-        plain = to_plain(self.data)
+        plain = self.data if m.dataclass is None else to_plain(self.data)
         text = encode_data(plain, key, self.where)
         if text == self.baseline:
             if self.deleted and self.raw is not None:
@@ -166,6 +167,10 @@ class _Scope:
         self.owner = False
 
     def __enter__(self) -> Any:
+        return self.manager._proxy_for(self.enter())
+
+    def enter(self) -> _Handle:
+        """Lock, load and bind; the handle of the (possibly re-entered) session."""
         m, key = self.manager, self.key
         handle = None
         if key is not None:
@@ -183,7 +188,7 @@ class _Scope:
                 handle.load()
         self.frame = _Frame(m, handle, self.origin)
         context.push(self.frame)
-        return m._proxy_for(handle)
+        return handle
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         frame = cast(_Frame, self.frame)
@@ -192,6 +197,19 @@ class _Scope:
                 frame.handle.close(exc_type is None)
         finally:
             context.remove(frame)
+
+
+def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: Any, kwargs: Any) -> Any:
+    """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses."""
+    scope = _Scope(manager, manager.key_of(update))
+    scope.enter()
+    try:
+        result = func(update, *args, **kwargs)
+    except BaseException as exc:
+        scope.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    scope.__exit__(None, None, None)
+    return result
 
 
 class Sessions(Generic[T]):
@@ -260,8 +278,7 @@ class Sessions(Generic[T]):
 
         @functools.wraps(func)
         def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-            with _Scope(self, self.key_of(update)):
-                return func(update, *args, **kwargs)
+            return _run(self, func, update, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -345,8 +362,6 @@ def with_session(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-        manager = default_sessions()
-        with _Scope(manager, manager.key_of(update)):
-            return func(update, *args, **kwargs)
+        return _run(default_sessions(), func, update, args, kwargs)
 
     return cast(F, wrapper)

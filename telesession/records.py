@@ -16,16 +16,59 @@ naming the path, e.g. ``session["cart"][2]``, instead of being silently changed.
 """
 import dataclasses
 import json
+import json.scanner
 import math
 from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import CorruptSessionError, SerializationError
 
-__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "to_plain", "from_plain"]
+__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "data_text", "to_plain", "from_plain"]
 
-_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                           check_circular=True).encode
-_decode = json.JSONDecoder().decode
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _make_encoder() -> Callable[[Any], str]:
+    """Compact, strict JSON; the C encoder called directly (one shot, no Python layers) when present."""
+    try:
+        from json.encoder import c_make_encoder, encode_basestring
+
+        if c_make_encoder is None:
+            raise ImportError
+        chunks = c_make_encoder(None, _refuse, encode_basestring, None, ":", ",", False, False, False)
+        join = "".join
+
+        def encode(value: Any) -> str:
+            if isinstance(value, str):
+                return encode_basestring(value)
+            return join(chunks(value, 0))
+
+        encode({"probe": [1, 2.5, None, True, "é"]})
+        return encode
+    except Exception:  # pragma: no cover - another Python implementation
+        return json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _make_decoder() -> Callable[[str], Any]:
+    """Strict JSON decoding without the whitespace handling of ``json.loads`` (we write no whitespace)."""
+    decoder = json.JSONDecoder()
+    scan = json.scanner.make_scanner(decoder)  # type: ignore[attr-defined]
+    slow = decoder.decode
+
+    def decode(text: str) -> Any:
+        try:
+            value, end = scan(text, 0)
+        except StopIteration:
+            return slow(text)
+        if end != len(text):
+            return slow(text)  # trailing whitespace is fine, trailing garbage raises
+        return value
+
+    return decode
+
+
+_encode = _make_encoder()
+_decode = _make_decoder()
 
 #: Where a record lives, for error messages: a string, or a callable computing it only when needed.
 Where = Union[str, Callable[[], str]]
@@ -83,6 +126,15 @@ def build_record(key: str, data_json: str, version: int, written: float) -> byte
     """The bytes of a record whose data is the already encoded ``data_json``."""
     return ('{"version":%d,"written":%.6f,"key":%s,"data":%s}'
             % (version, written, _encode(key), data_json)).encode("utf-8", "surrogatepass")
+
+
+def data_text(raw: bytes) -> Optional[str]:
+    """The ``data`` JSON of a record made by ``build_record`` (``None`` for other shapes), without re-encoding."""
+    if raw.startswith(b'{"version":') and raw.endswith(b"}"):
+        at = raw.find(b',"data":')  # the key before it is a JSON string: its quotes are escaped
+        if at > 0:
+            return raw[at + 8:-1].decode("utf-8", "surrogatepass")
+    return None
 
 
 def parse_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float]]:

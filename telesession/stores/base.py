@@ -16,7 +16,7 @@ import time
 from typing import Any, Hashable, Iterator, Optional
 
 from ..errors import LockTimeout
-from ..locking import KeyLocks, key_locks_for
+from ..locking import REENTERED, KeyLocks, key_locks_for
 
 __all__ = ["Store"]
 
@@ -77,23 +77,22 @@ class Store(abc.ABC):
 
         Returns a token to pass to ``release``.
         """
-        locks = self._thread_locks()
-        if locks.holds(key):
-            locks.acquire(key, 0)
-            return None  # re-entered: the outer holder owns the external lock
-        deadline = time.monotonic() + timeout
-        if not locks.acquire(key, timeout):
+        locks = self._locks if self._locks_pid == os.getpid() else self._thread_locks()
+        start = time.monotonic()
+        got = locks.acquire(key, timeout)  # type: ignore[union-attr]
+        if got == REENTERED:
+            return None  # the outer holder owns the external lock
+        if not got:
             raise self._timeout(key, timeout)
         try:
-            token = self._lock_external(key, max(deadline - time.monotonic(), 0.0))
+            return self._lock_external(key, max(timeout - (time.monotonic() - start), 0.0))
         except BaseException:
-            locks.release(key)
+            locks.release(key)  # type: ignore[union-attr]
             raise
-        return token
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""
-        locks = self._thread_locks()
+        locks = self._locks if self._locks_pid == os.getpid() else self._thread_locks()
         try:
             if token is not None:
                 self._unlock_external(key, token)

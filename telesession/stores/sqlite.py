@@ -29,14 +29,12 @@ logger = logging.getLogger("telesession")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PAGE = 500  # keys read per query by keys(): no read transaction stays open between pages
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS sessions ("
-    " key TEXT PRIMARY KEY NOT NULL,"
-    " record BLOB NOT NULL,"
-    " written REAL,"
-    " expires REAL)",
-    "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires) WHERE expires IS NOT NULL",
-)
+_TABLE = ("CREATE TABLE IF NOT EXISTS sessions ("
+          " key TEXT PRIMARY KEY NOT NULL,"
+          " record BLOB NOT NULL,"
+          " written REAL,"
+          " expires REAL)")
+_INDEX = "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires) WHERE expires IS NOT NULL"
 
 # Connections inherited through fork() belong to the parent: closing them in the child could
 # disturb the parent's locks, so a child keeps them referenced (never used, never closed).
@@ -129,16 +127,16 @@ class SQLiteStore(Store):
             if str(mode).lower() != "wal":
                 logger.warning("SQLite database %s stays in journal_mode=%s (WAL unavailable here): "
                                "readers and writers will wait for each other", where, mode)
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            conn.execute(_TABLE)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            missing = {"key", "record", "written", "expires"} - columns
+            if missing:
+                raise StoreError(
+                    f"{where} has a table 'sessions' that is not telesession's (no column "
+                    f"{', '.join(sorted(missing))}); use another database file", None, where)
+            conn.execute(_INDEX)
         except sqlite3.Error as exc:
             raise self._error(exc, None, where, "opening") from exc
-        missing = {"key", "record", "written", "expires"} - columns
-        if missing:
-            raise StoreError(
-                f"{where} has a table 'sessions' that is not telesession's (no column "
-                f"{', '.join(sorted(missing))}); use another database file", None, where)
         for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
             self._owner_only(self.path + suffix)
 
@@ -185,10 +183,10 @@ class SQLiteStore(Store):
         text = str(exc)
         if isinstance(exc, sqlite3.DatabaseError) and (
                 "not a database" in text or "malformed" in text or "encrypted" in text):
+            context = "" if where == self.path else f" (while {doing} {where})"
             return CorruptSessionError(
-                f"{self.path} is not a usable SQLite database ({text}) while {doing} "
-                f"{where}; it was left untouched: move it away or point SQLiteStore at another path",
-                key, where)
+                f"{self.path} is not a usable SQLite database: {text}{context}; it was left "
+                f"untouched: move it away or point SQLiteStore at another path", key, where)
         hint = ""
         if "locked" in text or "busy" in text:
             hint = f" after waiting {self.timeout:g} s for another writer (SQLiteStore timeout=)"
