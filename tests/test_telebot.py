@@ -1,0 +1,286 @@
+"""A real threaded TeleBot processing real Update objects through the middleware and the decorator."""
+import threading
+import time
+
+import pytest
+import telebot
+from support import drain
+from telebot.handler_backends import BaseMiddleware, CancelUpdate
+
+from telesession import Sessions, SessionMiddleware, keys, session
+from telesession.stores import from_url
+from telesession.testing import callback_update, make_update, message_update
+
+TOKEN = "123456:TEST"
+
+
+def make_bot(**options) -> telebot.TeleBot:
+    options.setdefault("threaded", True)
+    options.setdefault("num_threads", 8)
+    options.setdefault("use_class_middlewares", True)
+    return telebot.TeleBot(TOKEN, **options)
+
+
+def stop(bot: telebot.TeleBot) -> None:
+    bot.worker_pool.close()
+
+
+@pytest.fixture
+def bot():
+    bot = make_bot()
+    yield bot
+    stop(bot)
+
+
+def test_middleware_counts_exactly_on_one_chat(store_url, bot):
+    sessions = Sessions(from_url(store_url), initial=lambda: {"count": 0})
+    sessions.setup(bot)
+
+    @bot.message_handler(commands=["count"])
+    def count(message):
+        session["count"] += 1
+
+    n = 16 * 25
+    bot.process_new_updates([message_update("/count", chat_id=7) for _ in range(n)])
+    drain(bot)
+    with sessions.open("7") as s:
+        assert s["count"] == n
+
+
+def test_decorator_counts_exactly_over_many_chats(store_url, bot):
+    sessions = Sessions(from_url(store_url), initial=lambda: {"count": 0})
+
+    @bot.message_handler(func=lambda m: True)
+    @sessions.with_session
+    def count(message):
+        session["count"] += 1
+
+    chats = list(range(1, 11))
+    bot.process_new_updates([message_update("hi", chat_id=c) for _ in range(30) for c in chats])
+    drain(bot)
+    for chat in chats:
+        with sessions.open(str(chat)) as s:
+            assert s["count"] == 30
+
+
+def test_one_chat_serializes_while_other_chats_overlap(bot, tmp_path):
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"count": 0})
+    sessions.setup(bot)
+    spans = []
+    spans_lock = threading.Lock()
+
+    @bot.message_handler(func=lambda m: True)
+    def slow(message):
+        start = time.monotonic()
+        time.sleep(0.02)
+        session["count"] += 1
+        with spans_lock:
+            spans.append((message.chat.id, start, time.monotonic()))
+
+    bot.process_new_updates([message_update("x", chat_id=c) for _ in range(6) for c in (1, 2, 3, 4)])
+    drain(bot)
+    assert len(spans) == 24
+    same_chat_overlaps = cross_chat_overlaps = 0
+    for i, (chat_a, a0, a1) in enumerate(spans):
+        for chat_b, b0, b1 in spans[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                if chat_a == chat_b:
+                    same_chat_overlaps += 1
+                else:
+                    cross_chat_overlaps += 1
+    assert same_chat_overlaps == 0
+    assert cross_chat_overlaps > 0
+    for chat in (1, 2, 3, 4):
+        with sessions.open(str(chat)) as s:
+            assert s["count"] == 6
+
+
+def test_handler_receives_the_session_through_data(bot):
+    sessions = Sessions(initial=lambda: {"seen": []}, name="state")
+    sessions.setup(bot)
+    got = []
+
+    @bot.message_handler(func=lambda m: True)
+    def handler(message, state):
+        state["seen"].append(message.text)
+        got.append(state.__wrapped__ is sessions.current.__wrapped__)
+
+    bot.process_new_updates([message_update("a", chat_id=1), message_update("b", chat_id=1)])
+    drain(bot)
+    assert got == [True, True]
+    with sessions.open("1") as s:
+        assert sorted(s["seen"]) == ["a", "b"]
+
+
+def test_handler_exception_discards_changes_and_releases(bot):
+    sessions = Sessions(initial=lambda: {"count": 0}, lock_timeout=2)
+    sessions.setup(bot)
+
+    @bot.message_handler(func=lambda m: True)
+    def handler(message):
+        session["count"] += 1
+        if message.text == "fail":
+            raise RuntimeError("handler failed")
+
+    bot.process_new_updates([message_update("ok", chat_id=1), message_update("fail", chat_id=1),
+                             message_update("ok", chat_id=1)])
+    drain(bot)
+    with sessions.open("1") as s:
+        assert s["count"] == 2
+
+
+class Canceller(BaseMiddleware):
+    """A middleware registered after ours that cancels some updates or raises in pre_process."""
+
+    def __init__(self):
+        super().__init__()
+        self.update_types = ["message"]
+
+    def pre_process(self, message, data):
+        if message.text == "cancel":
+            return CancelUpdate()
+        if message.text == "raise":
+            raise RuntimeError("middleware failed")
+
+    def post_process(self, message, data, exception):
+        pass
+
+
+def test_a_later_middleware_cancelling_or_raising_does_not_leak_the_lock(bot):
+    bot.exception_handler = None
+    sessions = Sessions(initial=lambda: {"count": 0}, lock_timeout=2)
+    sessions.setup(bot)
+    bot.setup_middleware(Canceller())
+    handled = []
+
+    @bot.message_handler(func=lambda m: True)
+    def handler(message):
+        session["count"] += 1
+        handled.append(message.text)
+
+    texts = ["cancel", "ok", "raise", "ok", "cancel", "ok"]
+    for text in texts:  # one at a time, so a leaked lock would block the next update of chat 1
+        bot.process_new_updates([message_update(text, chat_id=1)])
+        drain(bot)
+    assert handled == ["ok", "ok", "ok"]
+    with sessions.open("1") as s:
+        assert s["count"] == 3
+
+
+def test_setup_needs_class_middlewares():
+    plain = make_bot(use_class_middlewares=False)
+    try:
+        with pytest.raises(ValueError, match="use_class_middlewares=True"):
+            Sessions().setup(plain)
+    finally:
+        stop(plain)
+
+
+def test_middleware_is_a_telebot_middleware(bot):
+    middleware = Sessions().setup(bot)
+    assert isinstance(middleware, SessionMiddleware) and isinstance(middleware, BaseMiddleware)
+    assert middleware in bot.middlewares
+    assert {"message", "callback_query", "inline_query", "poll"} <= set(middleware.update_types)
+
+
+def test_chat_and_user_sessions_side_by_side_with_callbacks(bot):
+    chats = Sessions(initial=lambda: {"clicks": 0}, name="chat")
+    users = Sessions(initial=lambda: {"clicks": 0}, key=keys.by_user, name="user")
+    chats.setup(bot)
+    users.setup(bot)
+
+    @bot.callback_query_handler(func=lambda c: True)
+    def clicked(call, chat, user):
+        chat["clicks"] += 1
+        user["clicks"] += 1
+        assert session.__wrapped__ is user.__wrapped__  # the innermost is the one set up last
+
+    updates = ([callback_update("x", chat_id=-100, user_id=u) for u in (1, 2, 3) for _ in range(5)]
+               + [callback_update("x", chat_id=1, user_id=1) for _ in range(5)])
+    bot.process_new_updates(updates)
+    drain(bot)
+    with chats.open("-100") as c, users.open("1") as u1, users.open("2") as u2:
+        assert c["clicks"] == 15 and u1["clicks"] == 10 and u2["clicks"] == 5
+
+
+def test_updates_without_a_chat_or_user_run_without_session(bot):
+    sessions = Sessions(initial=lambda: {"n": 0})
+    sessions.setup(bot)
+    outcomes = []
+
+    @bot.poll_handler(func=lambda p: True)
+    def poll(p):
+        try:
+            session["n"] += 1
+            outcomes.append("touched")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    bot.process_new_updates([make_update("poll")])
+    drain(bot)
+    assert outcomes == ["NoActiveSession"]
+
+
+@pytest.mark.parametrize("kind, strategy, expected", [
+    ("message", keys.by_chat, "-5"),
+    ("message", keys.by_user, "9"),
+    ("message", keys.by_user_in_chat, "-5:9"),
+    ("callback_query", keys.by_chat, "-5"),
+    ("inline_query", keys.by_chat, "9"),
+    ("chosen_inline_result", keys.by_user, "9"),
+    ("shipping_query", keys.by_chat, "9"),
+    ("pre_checkout_query", keys.by_chat, "9"),
+    ("poll_answer", keys.by_user, "9"),
+    ("my_chat_member", keys.by_chat, "-5"),
+    ("chat_member", keys.by_user_in_chat, "-5:9"),
+    ("chat_join_request", keys.by_chat, "-5"),
+    ("message_reaction", keys.by_chat, "-5"),
+    ("business_message", keys.by_chat, "-5"),
+    ("poll", keys.by_chat, None),
+])
+def test_key_strategies_on_every_update_kind(kind, strategy, expected):
+    update = make_update(kind, chat_id=-5, user_id=9)
+    assert strategy(getattr(update, kind)) == expected
+
+
+def test_forum_topics_get_their_own_session():
+    update = message_update("x", chat_id=-100, user_id=1)
+    message = update.message
+    assert keys.by_chat_topic(message) == "-100"
+    message.message_thread_id, message.is_topic_message = 12, True
+    assert keys.by_chat_topic(message) == "-100:12"
+
+
+def test_ordered_processing_keeps_each_chats_order(tmp_path):
+    bot = make_bot()
+    try:
+        sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []})
+        sessions.setup(bot, ordered=True)
+        bot.setup_middleware(Canceller())  # cancels some updates after our pre_process ran
+
+        @bot.message_handler(func=lambda m: True)
+        def record(message):
+            if message.text.endswith(":3"):
+                time.sleep(0.01)  # make the race that ordering prevents likely
+            session["seen"].append(int(message.text.split(":")[1]))
+
+        @bot.poll_handler(func=lambda p: True)
+        def poll(p):  # no key: gets no ticket, must never stall anyone
+            pass
+
+        chats, per_chat = 12, 25
+        updates = []
+        for i in range(per_chat):
+            for chat in range(chats):
+                updates.append(message_update(f"{chat}:{i}", chat_id=chat + 1))
+            updates.append(make_update("poll"))
+            updates.append(message_update("cancel", chat_id=1))
+        bot.process_new_updates(updates[: len(updates) // 2])
+        bot.process_new_updates(updates[len(updates) // 2:])
+        drain(bot)
+        for chat in range(chats):
+            with sessions.open(str(chat + 1)) as s:
+                assert s["seen"] == list(range(per_chat)), chat
+        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+    finally:
+        stop(bot)
