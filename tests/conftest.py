@@ -9,8 +9,8 @@ from telesession import context, locking
 REQUIRE_REDIS = os.environ.get("TELESESSION_REQUIRE_REDIS") == "1"
 
 #: Every store kind; PERSISTENT ones survive the process and are shared between processes.
-STORE_KINDS = ["memory", "json", "shelve"]
-PERSISTENT_KINDS = ["json", "shelve"]
+STORE_KINDS = ["memory", "json", "shelve", "sqlite", "redis"]
+PERSISTENT_KINDS = ["json", "shelve", "sqlite", "redis"]
 
 
 def _store_url(request: pytest.FixtureRequest, kind: str, tmp_path) -> str:

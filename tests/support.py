@@ -29,11 +29,11 @@ def increment_in_process(url: str, key: str, times: int, lock_timeout: float = 6
     return times
 
 
-def hold_key(url: str, key: str, ready: Any, seconds: float) -> None:
+def hold_key(url: str, key: str, ready: Any, seconds: float, **store_options: Any) -> None:
     """Child-process body: hold ``key`` for ``seconds`` (or until killed) after setting ``ready``."""
     import time
 
-    sessions = Sessions(from_url(url))
+    sessions = Sessions(from_url(url, **store_options))
     with sessions.open(key):
         ready.set()
         time.sleep(seconds)
