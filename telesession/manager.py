@@ -146,12 +146,13 @@ class _Handle:
 class _Frame:
     """One entry of the thread's session stack: a handle seen through one manager."""
 
-    __slots__ = ("manager", "handle", "origin")
+    __slots__ = ("manager", "handle", "origin", "owner")
 
-    def __init__(self, manager: "Sessions[Any]", handle: _Handle, origin: Any) -> None:
+    def __init__(self, manager: "Sessions[Any]", handle: _Handle, origin: Any, owner: bool) -> None:
         self.manager = manager
         self.handle = handle
-        self.origin = origin
+        self.origin = origin  # the middleware that opened it, or None
+        self.owner = owner  # False when it re-entered a session an outer scope holds
 
 
 class _Scope:
@@ -186,7 +187,7 @@ class _Scope:
             handle = _Handle(m, key)
             if key is not None and not m.lazy:
                 handle.load()
-        self.frame = _Frame(m, handle, self.origin)
+        self.frame = _Frame(m, handle, self.origin, self.owner)
         context.push(self.frame)
         return handle
 

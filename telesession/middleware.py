@@ -76,7 +76,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         for frame in reversed(context.active_frames()):
             if frame.origin is self:
                 scope = _Scope(self.sessions, frame.handle.key, origin=self)
-                scope.frame, scope.owner = frame, True
+                scope.frame, scope.owner = frame, frame.owner
                 if exception is None:
                     scope.__exit__(None, None, None)
                 else:
@@ -91,7 +91,8 @@ def _release_leftovers(origin: Any = None) -> None:
             logger.warning("session %r: post_process did not run (another middleware cancelled the "
                            "update or raised); released without saving", frame.handle.key)
             try:
-                frame.handle.abandon()
+                if frame.owner:
+                    frame.handle.abandon()
             finally:
                 context.remove(frame)
 
