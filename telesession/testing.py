@@ -185,12 +185,14 @@ def message_dict(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional
                  chat_type: Optional[str] = None, message_thread_id: Optional[int] = None,
                  message_id: Optional[int] = None, date: Optional[int] = None,
                  reply_to_message: Optional[Mapping[str, Any]] = None,
-                 entities: Optional[List[Mapping[str, Any]]] = None, **extra: Any) -> Dict[str, Any]:
+                 entities: Optional[List[Mapping[str, Any]]] = None,
+                 from_user: Optional[Mapping[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
     """The JSON of a ``Message`` a user wrote; commands get their ``bot_command`` entity.
 
     A ``message_thread_id`` makes it a forum-topic message (in a supergroup when the chat id
     is negative).  ``chat_type="channel"`` gives a channel post (``sender_chat``, no ``from``).
-    ``extra`` keys are copied into the message last, e.g. ``photo=[...]`` or ``**{"from": {...}}``.
+    ``from_user`` replaces the sender (e.g. the bot's user dict, for a message the bot sent).
+    ``extra`` keys are copied into the message last, e.g. ``photo=[...]``.
     """
     if chat_type is None and message_thread_id is not None and chat_id < 0:
         chat_type = "supergroup"
@@ -207,7 +209,7 @@ def message_dict(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional
     if kind == "channel":
         message["sender_chat"] = dict(chat)
     else:
-        message["from"] = sender
+        message["from"] = dict(from_user) if from_user is not None else sender
     if message_thread_id is not None:
         message["message_thread_id"] = message_thread_id
         message["is_topic_message"] = True
@@ -248,7 +250,7 @@ def callback_query_dict(data: Optional[str] = "", chat_id: int = 1, user_id: Opt
     else:
         if message is None:
             message = message_dict("Choose:", chat_id, uid, message_id=message_id,
-                                   **{"from": _bot_user_dict(bot_user)})
+                                   from_user=_bot_user_dict(bot_user))
         query["message"] = dict(message)
     query.update(extra)
     return query
@@ -662,10 +664,6 @@ _BOOL_FIELDS = frozenset((
 ))
 _HOUSEKEEPING = frozenset(("getUpdates", "getMe", "setWebhook", "deleteWebhook", "getWebhookInfo", "close",
                            "logOut"))
-_MESSAGE_MEDIA = {  # method -> (field, object builder name)
-    "sendPhoto": "photo", "sendDocument": "document", "sendAudio": "audio", "sendVideo": "video",
-    "sendVoice": "voice", "sendAnimation": "animation", "sendSticker": "sticker", "sendVideoNote": "video_note",
-}
 _TRUE_METHODS = (
     "sendChatAction", "deleteMyCommands", "setMessageReaction", "pinChatMessage", "unpinChatMessage",
     "unpinAllChatMessages", "unpinAllForumTopicMessages", "leaveChat", "banChatMember", "unbanChatMember",
@@ -723,7 +721,8 @@ def _parse_multipart(body: bytes, content_type: str) -> Tuple[Dict[str, str], Di
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
-        payload = part.get_payload(decode=True) or b""
+        raw = part.get_payload(decode=True)
+        payload = raw if isinstance(raw, bytes) else b""
         filename = part.get_filename()
         if filename is None:
             charset = part.get_content_charset() or "utf-8"
@@ -769,6 +768,12 @@ class _Params:
         if int(value) != value:
             raise BotAPIError(400, "Bad Request: invalid {} specified".format(name))
         return int(value)
+
+    def required_integer(self, name: str, missing: str) -> int:
+        value = self.integer(name)
+        if value is None:
+            raise BotAPIError(400, missing)
+        return value
 
     def flag(self, name: str, default: bool = False) -> bool:
         value = self.values.get(name)
@@ -898,7 +903,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
+            chunks: List[bytes] = []
             total = 0
             while True:
                 size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
@@ -990,6 +995,7 @@ class FakeBotAPI:
     messages or queries the server never saw with Telegram's "not found" errors; the default
     fabricates them, so handlers fed by factories through ``bot.process_new_updates`` work too.
     Updates of every kind are delivered unless the bot passes ``allowed_updates``.
+    telebot uses requests, which honours ``HTTP(S)_PROXY``: keep 127.0.0.1 in ``NO_PROXY``.
     """
 
     def __init__(self, token: str = DEFAULT_TOKEN, *, bot_username: str = "test_bot",
@@ -1056,7 +1062,7 @@ class FakeBotAPI:
         hook.start()
         if self._patch:
             self._previous_api_url = apihelper.API_URL
-            apihelper.API_URL = self.api_url
+            apihelper.API_URL = self.api_url  # type: ignore[assignment]  # telebot annotates it None
         logger.debug("FakeBotAPI listening on %s", self.url)
         return self
 
@@ -1185,7 +1191,7 @@ class FakeBotAPI:
             if message is None:
                 mid = message_id if message_id is not None else self._next_message_id(chat_id)
                 message = message_dict("Choose:", chat_id, user_id, message_id=mid,
-                                       **{"from": _bot_user_dict(self.bot_user)})
+                                       from_user=_bot_user_dict(self.bot_user))
                 self._messages[(chat_id, mid)] = message
             datas = _callback_datas(message)
             if datas and data not in datas:
@@ -1256,14 +1262,17 @@ class FakeBotAPI:
                 self._cond.wait(remaining)
 
     def wait_for_calls(self, method: str, n: int = 1, timeout: float = 10.0,
-                       chat_id: Optional[Union[int, str]] = None) -> List[Call]:
-        """Block until ``method`` was called successfully ``n`` times (for ``chat_id``); return those calls."""
+                       chat_id: Optional[Union[int, str]] = None, *, completed: bool = True) -> List[Call]:
+        """Block until ``method`` was called successfully ``n`` times (for ``chat_id``); return those calls.
+
+        With ``completed=False`` calls count as soon as they arrive (e.g. a long poll in progress).
+        """
         name = self._methods.get(method.lower(), method)
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                found = [c for c in self._calls if c.method == name and c.ok and c.result is not None
-                         and (chat_id is None or c.chat_id == chat_id)]
+                found = [c for c in self._calls if c.method == name and (chat_id is None or c.chat_id == chat_id)
+                         and (not completed or (c.ok and c.result is not None))]
                 if len(found) >= n:
                     return found
                 remaining = deadline - time.monotonic()
@@ -1497,10 +1506,11 @@ class FakeBotAPI:
             raise BotAPIError(400, "Bad Request: chat not found")
         if isinstance(value, bool) or not isinstance(value, int):
             raise BotAPIError(400, "Bad Request: chat not found")
-        chat = self._chats.get(value)
-        if chat is None:
-            chat = chat_dict(value)
-            self._chats[value] = chat
+        known = self._chats.get(value)
+        if known is not None:
+            return known
+        chat = chat_dict(value)
+        self._chats[value] = chat
         return chat
 
     def _new_bot_message(self, p: _Params, chat: Dict[str, Any], content: Mapping[str, Any]) -> Dict[str, Any]:
@@ -1579,8 +1589,7 @@ class FakeBotAPI:
                 raise BotAPIError(400, "Bad Request: chat_id and message_id must be empty for inline messages")
             return None
         chat = self._chat(p)
-        mid = p.integer("message_id", missing="Bad Request: message identifier is not specified")
-        assert mid is not None
+        mid = p.required_integer("message_id", "Bad Request: message identifier is not specified")
         p.call.chat_id = chat["id"]
         message = self._messages.get((chat["id"], mid))
         if message is None:
@@ -1783,7 +1792,7 @@ class FakeBotAPI:
 
     def _source_message(self, p: _Params, verb: str) -> Dict[str, Any]:
         source_chat = self._chat(p, "from_chat_id")
-        mid = p.integer("message_id", missing="Bad Request: message identifier is not specified")
+        mid = p.required_integer("message_id", "Bad Request: message identifier is not specified")
         found = self._messages.get((source_chat["id"], mid))
         if found is None:
             if self.strict:
@@ -1846,7 +1855,7 @@ class FakeBotAPI:
 
     def _m_deleteMessage(self, p: _Params) -> Any:
         chat = self._chat(p)
-        mid = p.integer("message_id", missing="Bad Request: message identifier is not specified")
+        mid = p.required_integer("message_id", "Bad Request: message identifier is not specified")
         p.call.chat_id = chat["id"]
         if self._messages.pop((chat["id"], mid), None) is None and self.strict:
             raise BotAPIError(400, "Bad Request: message to delete not found")
@@ -1915,12 +1924,12 @@ class FakeBotAPI:
 
     def _m_getChatMember(self, p: _Params) -> Any:
         chat = self._chat(p)
-        user_id = p.integer("user_id", missing="Bad Request: user_id is empty")
+        user_id = p.required_integer("user_id", "Bad Request: user_id is empty")
         if user_id == self.bot_user["id"]:
             user = _bot_user_dict(self.bot_user)
             status = "member" if chat["type"] == "private" else "administrator"
         else:
-            user = user_dict(user_id)  # type: ignore[arg-type]
+            user = user_dict(user_id)
             status = "member"
         return _member(user, status)
 
