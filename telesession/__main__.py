@@ -1,0 +1,7 @@
+"""``python -m telesession``: the ``telesession`` command (see ``telesession.cli``)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
