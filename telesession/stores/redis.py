@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, Iterator, Optional, Tuple, Union
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -249,10 +249,11 @@ class RedisStore(Store):
         return self._prefix + b"l:" + _b(key)
 
     def describe(self, key: str) -> str:
-        return f"Redis key {self.prefix}s:{key} at {self.address}"
+        return f"Redis key {self.prefix + 's:' + key!r} at {self.address}"
 
     def _error(self, exc: BaseException, key: Optional[str], doing: str) -> StoreError:
-        where = self.describe(key) if key is not None else f"{self.prefix}* at {self.address}"
+        where = (self.describe(key) if key is not None
+                 else f"Redis keys {self.prefix + 's:*'!r} at {self.address}")
         return StoreError(f"Redis failed while {doing} {where}: {type(exc).__name__}: "
                           f"{self._scrub(str(exc))}", key, where)
 

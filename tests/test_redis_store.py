@@ -1,0 +1,481 @@
+"""RedisStore against a real redis-server: layout, conditional writes, leases, threads, processes, outages."""
+import importlib.util
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from telesession.errors import ConflictError, LockTimeout, StoreError
+from telesession.stores import from_url
+
+pytestmark = pytest.mark.redis
+
+if importlib.util.find_spec("redis") is None and os.environ.get("TELESESSION_REQUIRE_REDIS") != "1":
+    pytest.skip("the redis package is not installed: pip install -e .[redis]", allow_module_level=True)
+
+HOSTILE_KEYS = ["../x", "/", "\\", "..", ".", "ключ 🔑", "k" * 300, "lock:x", "x", "l:x", "s:x",
+                "a\x00b", "*", "[a]", "?", "", " ", "\udcff"]
+
+
+def record(key, count):
+    return json.dumps({"version": 0, "written": time.time(), "key": key,
+                       "data": {"count": count}}).encode()
+
+
+def increment(store, key, timeout=30.0):
+    """One update the way the manager does it: lock, load, change, conditional save, unlock."""
+    token = store.acquire(key, timeout)
+    try:
+        raw = store.load(key)
+        count = 0 if raw is None else json.loads(raw)["data"]["count"]
+        store.save(key, record(key, count + 1), previous=raw)
+    finally:
+        store.release(key, token)
+
+
+def count_of(store, key):
+    raw = store.load(key)
+    return None if raw is None else json.loads(raw)["data"]["count"]
+
+
+def open_store(url, **options):
+    from telesession.stores.redis import RedisStore
+
+    return RedisStore(url, **options)
+
+
+# -- child-process bodies (module level: spawn pickles them by name) ---------------------
+
+def _increments_in_child(url_or_store, key, times, barrier):
+    store = open_store(url_or_store) if isinstance(url_or_store, str) else url_or_store
+    barrier.wait(60)
+    for i in range(times):
+        increment(store, key)
+        increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
+    store.close()
+
+
+def _hold_in_child(url, key, ready, done, lease):
+    store = open_store(url, lease=lease)
+    token = store.acquire(key, 10)
+    try:
+        ready.set()
+        done.wait(30)
+    finally:
+        store.release(key, token)
+        store.close()
+
+
+def _stalled_holder(url, key, ready, go, results):
+    """Hold ``key`` with a 0.3 s lease, get stopped (SIGSTOP) past it, then try to save."""
+    store = open_store(url, lease=0.3)
+    token = store.acquire(key, 10)
+    try:
+        raw = store.load(key)
+        ready.set()
+        go.wait(30)
+        try:
+            store.save(key, b"stale holder's write", previous=raw)
+            results.put("saved")
+        except ConflictError as exc:
+            results.put(f"conflict: {exc}")
+    finally:
+        store.release(key, token)
+        store.close()
+
+
+@pytest.fixture
+def store(redis_store_url):
+    s = open_store(redis_store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def raw(redis_server):
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def test_round_trip_keys_and_layout(store, raw):
+    assert store.load("a") is None
+    store.save("a", b'{"data":1}')
+    store.save("b", b"two")
+    assert store.load("a") == b'{"data":1}'
+    # A plain string value: redis-cli GET shows it.
+    assert raw.get(store.prefix + "s:a") == b'{"data":1}'
+    store.save("a", b"three", previous=b'{"data":1}')
+    assert sorted(store.keys()) == ["a", "b"]
+    store.delete("a", previous=b"three")
+    assert store.load("a") is None and raw.exists(store.prefix + "s:a") == 0
+    store.delete("a")
+    store.delete("b")
+    assert list(store.keys()) == []
+
+
+def test_lock_layout_and_release(store, raw):
+    token = store.acquire("k", 1)
+    try:
+        lock_key = store.prefix + "l:k"
+        assert raw.get(lock_key) == token.token
+        assert 0 < raw.pttl(lock_key) <= 30000
+        assert raw.exists(store.prefix + "s:k") == 0  # a lock is not a session
+        assert list(store.keys()) == []
+    finally:
+        store.release("k", token)
+    assert raw.exists(store.prefix + "l:k") == 0
+
+
+def test_ttl_is_native_expiry(store, raw):
+    store.save("short", b"s", ttl=0.2)
+    assert 0 < raw.pttl(store.prefix + "s:short") <= 200
+    store.save("short", b"s2", previous=b"s")  # no ttl: persistent again
+    assert raw.pttl(store.prefix + "s:short") == -1
+    store.save("short", b"s3", previous=b"s2", ttl=0.2)
+    deadline = time.monotonic() + 5
+    while store.load("short") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.load("short") is None
+    assert store.purge_expired() == 0
+
+
+def test_conditional_save_refuses_a_changed_record(store):
+    store.save("k", b"v1")
+    with pytest.raises(ConflictError) as info:
+        store.save("k", b"mine", previous=b"v0")
+    assert info.value.key == "k" and "s:k" in str(info.value) and store.address in str(info.value)
+    with pytest.raises(ConflictError):
+        store.save("k", b"mine", previous=None)
+    with pytest.raises(ConflictError):
+        store.delete("k", previous=b"v0")
+    assert store.load("k") == b"v1"
+    store.delete("gone", previous=b"whatever")  # already absent: the wanted end state
+    with pytest.raises(ConflictError):
+        store.save("gone", b"x", previous=b"whatever")
+    assert store.load("gone") is None
+    assert store.conditional is True
+
+
+def test_hostile_keys_are_distinct_and_round_trip(store):
+    for i, key in enumerate(HOSTILE_KEYS):
+        store.save(key, f"record {i}".encode())
+    for i, key in enumerate(HOSTILE_KEYS):
+        assert store.load(key) == f"record {i}".encode()
+    assert sorted(store.keys()) == sorted(HOSTILE_KEYS)
+    token = store.acquire("x", 1)  # holding "x" must not hold "lock:x" or "l:x"
+    try:
+        taken = []
+
+        def other():
+            for key in ("lock:x", "l:x"):
+                t = store.acquire(key, 1)
+                taken.append(key)
+                store.release(key, t)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+        assert taken == ["lock:x", "l:x"]
+    finally:
+        store.release("x", token)
+
+
+def test_prefixes_are_isolated_even_with_glob_characters(redis_url):
+    weird = open_store(redis_url, prefix="we*rd[1]:")
+    plain = open_store(redis_url, prefix="we")
+    other = open_store(redis_url + "?prefix=werd1:")
+    try:
+        assert other.prefix == "werd1:"
+        weird.save("k", b"1")
+        plain.save("rd-k", b"2")
+        other.save("k2", b"3")
+        assert list(weird.keys()) == ["k"]
+        assert list(plain.keys()) == ["rd-k"]
+        assert list(other.keys()) == ["k2"]
+    finally:
+        for s, key in ((weird, "k"), (plain, "rd-k"), (other, "k2")):
+            s.delete(key)
+            s.close()
+
+
+def test_keys_scans_many(store, raw):
+    expected = {f"key-{i:05d}" for i in range(1500)}
+    pipe = raw.pipeline()
+    for key in expected:
+        pipe.set(store.prefix + "s:" + key, b"x")
+    pipe.execute()
+    assert set(store.keys()) == expected
+
+
+def test_a_client_object_and_a_url_share_locks(redis_server, redis_store_url):
+    import redis
+
+    prefix = redis_store_url.split("prefix=", 1)[1]
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=0)
+    with open_store(client, prefix=prefix) as first, from_url(redis_store_url) as second:
+        assert first.location == second.location
+        token = first.acquire("k", 1)
+        try:
+            failure = []
+            thread = threading.Thread(target=lambda: failure.extend(_timeout_of(second, "k", 0.2)))
+            thread.start()
+            thread.join(10)
+            assert len(failure) == 1
+        finally:
+            first.release("k", token)
+    client.ping()  # a client we were given is not closed by the store
+    client.close()
+
+
+def _timeout_of(store, key, timeout):
+    try:
+        store.release(key, store.acquire(key, timeout))
+    except LockTimeout as exc:
+        return [exc]
+    return []
+
+
+def test_sixteen_threads_lose_no_increment(store):
+    threads, per_thread = 16, 25
+    barrier = threading.Barrier(threads)
+    errors = []
+
+    def work():
+        try:
+            barrier.wait(10)
+            for _ in range(per_thread):
+                increment(store, "counter")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    assert count_of(store, "counter") == threads * per_thread
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_four_processes_lose_no_increment(redis_store_url, method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} here")
+    ctx = multiprocessing.get_context(method)
+    processes, per_process = 4, 25
+    barrier = ctx.Barrier(processes)
+    expected = processes * per_process
+    target = redis_store_url
+    parent = None
+    if method == "fork":  # children reuse the parent's store object and its connection pool
+        parent = target = open_store(redis_store_url)
+        increment(parent, "counter")
+        expected += 1
+    children = [ctx.Process(target=_increments_in_child, args=(target, "counter", per_process, barrier))
+                for _ in range(processes)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(120)
+    assert [c.exitcode for c in children] == [0] * processes
+    with open_store(redis_store_url) as check:
+        assert count_of(check, "counter") == expected
+        assert sum(count_of(check, f"spread-{i}") for i in range(8)) == processes * per_process
+    if parent is not None:
+        assert count_of(parent, "counter") == expected
+        parent.close()
+
+
+def test_a_process_holding_a_key_excludes_others(redis_store_url, raw):
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    # A short lease: the holder must keep it alive by renewal while we wait.
+    child = ctx.Process(target=_hold_in_child, args=(redis_store_url, "busy", ready, done, 0.5))
+    child.start()
+    try:
+        assert ready.wait(60)
+        with open_store(redis_store_url) as store:
+            time.sleep(1.0)  # two leases long: only renewal keeps the child's lock
+            started = time.monotonic()
+            with pytest.raises(LockTimeout) as info:
+                store.acquire("busy", 0.5)
+            assert 0.45 <= time.monotonic() - started < 10
+            assert info.value.key == "busy" and "busy" in str(info.value)
+            token = store.acquire("other", 1)
+            store.save("other", b"x")
+            store.release("other", token)
+            done.set()
+            child.join(30)
+            assert child.exitcode == 0
+            assert raw.exists(store.prefix + "l:busy") == 0  # the child released its lock
+            token = store.acquire("busy", 5)
+            store.release("busy", token)
+    finally:
+        done.set()
+        child.join(30)
+
+
+def test_renewal_keeps_a_short_lease_alive(redis_store_url, raw):
+    with open_store(redis_store_url, lease=0.5) as store:
+        token = store.acquire("k", 1)
+        try:
+            raw_before = store.load("k")
+            time.sleep(1.6)  # three leases
+            lock_key = store.prefix + "l:k"
+            assert raw.get(lock_key) == token.token
+            assert raw.set(lock_key, b"intruder", nx=True) is None
+            store.save("k", b"after a long handler", previous=raw_before)
+        finally:
+            store.release("k", token)
+        assert store.load("k") == b"after a long handler"
+
+
+def test_a_stalled_holder_whose_lease_expired_cannot_overwrite(redis_store_url, raw):
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    with open_store(redis_store_url) as store:
+        store.save("k", b"original")
+        child = ctx.Process(target=_stalled_holder, args=(redis_store_url, "k", ready, go, results))
+        child.start()
+        try:
+            assert ready.wait(60)
+            os.kill(child.pid, signal.SIGSTOP)  # a GC pause, a swapped-out VM: renewal stops too
+            try:
+                time.sleep(0.8)
+                token = store.acquire("k", 10)  # its lease ran out: we get the lock
+            finally:
+                os.kill(child.pid, signal.SIGCONT)
+            try:
+                store.save("k", b"newer session", previous=b"original")
+                go.set()
+                outcome = results.get(timeout=30)
+                assert outcome.startswith("conflict"), outcome
+                child.join(30)
+                assert child.exitcode == 0
+                # The stale holder's release did not remove our lock.
+                assert raw.get(store.prefix + "l:k") == token.token
+            finally:
+                store.release("k", token)
+            assert store.load("k") == b"newer session"
+        finally:
+            go.set()
+            child.join(30)
+
+
+def test_lock_taken_over_by_another_holder_blocks_save_and_is_not_released(store, raw):
+    store.save("k", b"v1")
+    token = store.acquire("k", 1)
+    lock_key = store.prefix + "l:k"
+    try:
+        loaded = store.load("k")
+        # Another machine took the lock after our lease ran out (written here by a plain client).
+        raw.set(lock_key, b"another holder", px=30000)
+        with pytest.raises(ConflictError, match="no longer ours"):
+            store.save("k", b"v2", previous=loaded)
+        with pytest.raises(ConflictError):  # remembered: no second round trip needed
+            store.delete("k", previous=loaded)
+    finally:
+        store.release("k", token)
+    assert raw.get(lock_key) == b"another holder"  # never release another holder's lock
+    assert store.load("k") == b"v1"
+    with pytest.raises(LockTimeout):
+        store.acquire("k", 0.2)
+    raw.delete(lock_key)
+    increment(store, "k2")
+
+
+def test_redis_outage_raises_store_error_and_recovers(redis_server, redis_store_url, caplog):
+    store = open_store(redis_store_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        increment(store, "k")
+        token = store.acquire("held", 1)
+        raw_held = store.load("held")
+        redis_server.stop()
+        caplog.set_level(logging.WARNING, logger="telesession")
+        for call in (lambda: store.load("k"), lambda: increment(store, "k", timeout=5),
+                     lambda: list(store.keys()),
+                     lambda: store.save("held", b"x", previous=raw_held)):
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                call()
+            assert time.monotonic() - started < 15
+            assert not isinstance(info.value, (ConflictError, LockTimeout))
+            assert f"127.0.0.1:{redis_server.port}" in str(info.value)
+        assert info.value.key == "held" and "s:held" in info.value.where
+        store.release("held", token)  # cannot reach Redis: logged, not raised; the lease expires
+        assert any("held" in r.getMessage() for r in caplog.records)
+        redis_server.start()
+        assert store.load("k") is None  # no persistence: a fresh, empty server
+        increment(store, "k")
+        increment(store, "held")
+        assert count_of(store, "k") == 1 and count_of(store, "held") == 1
+        redis_server.restart()  # while idle: the pooled connections are stale now
+        assert store.load("k") is None  # reconnected on the first call, no error
+    finally:
+        redis_server.start()
+        store.close()
+
+
+def test_errors_never_show_the_password(caplog):
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://alice:s3cr3t-pw@127.0.0.1:{port}/2?prefix=p:"
+    store = from_url(url, socket_connect_timeout=1)
+    caplog.set_level(logging.DEBUG, logger="telesession")
+    try:
+        assert "s3cr3t" not in repr(store) and "s3cr3t" not in repr(store.location)
+        assert store.prefix == "p:" and store.address == f"redis://127.0.0.1:{port}/2"
+        for call in (lambda: store.load("k"), lambda: store.acquire("k", 1), lambda: list(store.keys())):
+            with pytest.raises(StoreError) as info:
+                call()
+            assert "s3cr3t" not in str(info.value) and "s3cr3t" not in (info.value.where or "")
+            assert f"127.0.0.1:{port}" in str(info.value)
+    finally:
+        store.close()
+    assert all("s3cr3t" not in r.getMessage() for r in caplog.records)
+
+
+def test_importing_telesession_stores_does_not_import_redis():
+    code = ("import sys, telesession.stores, telesession.stores.sqlite; "
+            "print('redis' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_bad_options(redis_url):
+    with pytest.raises(ValueError, match="lease"):
+        open_store(redis_url, lease=0)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=1)
+    with pytest.raises(TypeError, match="URL"):
+        open_store(client, socket_keepalive=True)
+    client.close()
+
+
+def test_a_client_with_decode_responses_works_too(redis_server, redis_store_url):
+    import redis
+
+    prefix = redis_store_url.split("prefix=", 1)[1]
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=0, decode_responses=True)
+    try:
+        store = open_store(client, prefix=prefix)
+        for _ in range(3):
+            increment(store, "ключ")
+        assert count_of(store, "ключ") == 3 and isinstance(store.load("ключ"), bytes)
+        assert list(store.keys()) == ["ключ"]
+        store.close()
+    finally:
+        client.close()

@@ -1,0 +1,369 @@
+"""SQLiteStore on real database files: records, conditional writes, threads, processes, files."""
+import json
+import multiprocessing
+import os
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from telesession.errors import ConflictError, CorruptSessionError, LockTimeout, StoreError
+from telesession.stores import from_url
+from telesession.stores.sqlite import SQLiteStore
+
+HOSTILE_KEYS = ["../x", "/", "\\", "..", ".", "ключ 🔑", "k" * 300, "lock:x", "x", "a\x00b",
+                "*", "%", "_", "' OR 1=1 --", "", " ", "CON", "x.lock"]
+
+
+def record(key, count):
+    return json.dumps({"version": 0, "written": time.time(), "key": key,
+                       "data": {"count": count}}).encode()
+
+
+def increment(store, key, timeout=30.0):
+    """One update the way the manager does it: lock, load, change, conditional save, unlock."""
+    token = store.acquire(key, timeout)
+    try:
+        raw = store.load(key)
+        count = 0 if raw is None else json.loads(raw)["data"]["count"]
+        store.save(key, record(key, count + 1), previous=raw)
+    finally:
+        store.release(key, token)
+
+
+def count_of(store, key):
+    raw = store.load(key)
+    return None if raw is None else json.loads(raw)["data"]["count"]
+
+
+# -- child-process bodies (module level: spawn pickles them by name) ---------------------
+
+def _increments_in_child(path_or_store, key, times, barrier):
+    store = SQLiteStore(path_or_store) if isinstance(path_or_store, str) else path_or_store
+    barrier.wait(60)
+    for i in range(times):
+        increment(store, key)
+        increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
+    store.close()
+
+
+def _hold_in_child(path, key, ready, done):
+    store = SQLiteStore(path)
+    token = store.acquire(key, 10)
+    try:
+        ready.set()
+        done.wait(30)
+    finally:
+        store.release(key, token)
+        store.close()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "sessions.sqlite")
+
+
+@pytest.fixture
+def store(path):
+    s = SQLiteStore(path)
+    yield s
+    s.close()
+
+
+def test_round_trip_and_keys(store):
+    assert store.load("a") is None
+    store.save("a", b"one")
+    store.save("b", b"two")
+    assert store.load("a") == b"one"
+    store.save("a", b"three", previous=b"one")
+    assert store.load("a") == b"three"
+    assert sorted(store.keys()) == ["a", "b"]
+    store.delete("a", previous=b"three")
+    assert store.load("a") is None
+    store.delete("a")  # absent: no error
+    store.delete("b")  # previous=None deletes whatever is there
+    assert list(store.keys()) == []
+
+
+def test_records_survive_reopening(path):
+    with SQLiteStore(path) as first:
+        first.save("k", b"kept")
+    with SQLiteStore(path) as second:
+        assert second.load("k") == b"kept"
+
+
+def test_conditional_save_refuses_a_changed_record(store):
+    store.save("k", b"v1")
+    with pytest.raises(ConflictError) as info:
+        store.save("k", b"mine", previous=b"v0")
+    assert info.value.key == "k" and "'k'" in str(info.value) and store.path in str(info.value)
+    with pytest.raises(ConflictError):
+        store.save("k", b"mine", previous=None)  # it was absent when loaded: someone created it
+    with pytest.raises(ConflictError):
+        store.delete("k", previous=b"v0")
+    assert store.load("k") == b"v1"
+    store.delete("gone", previous=b"whatever")  # already absent: the wanted end state
+    with pytest.raises(ConflictError):
+        store.save("gone", b"x", previous=b"whatever")  # deleted by someone else: no resurrection
+    assert store.load("gone") is None
+    assert store.conditional is True
+
+
+def test_save_with_ttl_and_purge(store):
+    now = time.time()
+    store.save("short", b"s", ttl=5)
+    store.save("forever", b"f")
+    store.save("held", b"h", ttl=5)
+    assert store.purge_expired(now) == 0
+    held = threading.Event()
+    done = threading.Event()
+
+    def holder():
+        token = store.acquire("held", 5)
+        held.set()
+        done.wait(10)
+        store.release("held", token)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert store.purge_expired(now + 60) == 1  # "held" is in use: skipped
+    finally:
+        done.set()
+        thread.join(10)
+    assert sorted(store.keys()) == ["forever", "held"]
+    assert store.purge_expired(now + 60) == 1
+    assert list(store.keys()) == ["forever"]
+
+
+def test_hostile_keys_are_distinct_and_round_trip(store):
+    for i, key in enumerate(HOSTILE_KEYS):
+        store.save(key, f"record {i}".encode())
+    for i, key in enumerate(HOSTILE_KEYS):
+        assert store.load(key) == f"record {i}".encode()
+    assert sorted(store.keys()) == sorted(HOSTILE_KEYS)
+    # Keys are rows, never file names: nothing but the database's own files exists.
+    assert set(os.listdir(os.path.dirname(store.path))) <= {
+        "sessions.sqlite", "sessions.sqlite-wal", "sessions.sqlite-shm", "sessions.sqlite.lock"}
+
+
+def test_lock_of_lock_x_is_not_the_lock_of_x(store):
+    taken = []
+
+    def other():
+        token = store.acquire("lock:x", 1)  # LockTimeout here would mean the locks collide
+        taken.append(True)
+        store.release("lock:x", token)
+
+    token = store.acquire("x", 1)
+    try:
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+    finally:
+        store.release("x", token)
+    assert taken == [True]
+
+
+def test_sixteen_threads_lose_no_increment(store):
+    threads, per_thread = 16, 40
+    barrier = threading.Barrier(threads)
+    errors = []
+
+    def work():
+        try:
+            barrier.wait(10)
+            for _ in range(per_thread):
+                increment(store, "counter")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    assert count_of(store, "counter") == threads * per_thread
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_four_processes_lose_no_increment(tmp_path, method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} here")
+    ctx = multiprocessing.get_context(method)
+    path = str(tmp_path / "shared.sqlite")
+    processes, per_process = 4, 50
+    barrier = ctx.Barrier(processes)
+    if method == "fork":  # children reuse the parent's store object: they must open their own connections
+        target = SQLiteStore(path)
+        increment(target, "counter")
+        expected = processes * per_process + 1
+    else:  # children create the database concurrently
+        target, expected = path, processes * per_process
+    children = [ctx.Process(target=_increments_in_child, args=(target, "counter", per_process, barrier))
+                for _ in range(processes)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(120)
+    assert [c.exitcode for c in children] == [0] * processes
+    with SQLiteStore(path) as check:
+        assert count_of(check, "counter") == expected
+        assert sum(count_of(check, f"spread-{i}") for i in range(8)) == processes * per_process
+        if method == "fork":
+            assert count_of(target, "counter") == expected  # the parent's connection still works
+            target.close()
+
+
+def test_a_process_holding_a_key_excludes_others_but_not_other_keys(path):
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_hold_in_child, args=(path, "busy", ready, done))
+    child.start()
+    try:
+        assert ready.wait(60)
+        with SQLiteStore(path) as store:
+            started = time.monotonic()
+            with pytest.raises(LockTimeout) as info:
+                store.acquire("busy", 0.3)
+            assert 0.25 <= time.monotonic() - started < 10
+            assert info.value.key == "busy" and "busy" in str(info.value)
+            # Other keys are free, and writing does not wait for the holder.
+            token = store.acquire("other", 1)
+            store.save("other", b"x")
+            store.release("other", token)
+            done.set()
+            child.join(30)
+            assert child.exitcode == 0
+            token = store.acquire("busy", 5)
+            store.release("busy", token)
+    finally:
+        done.set()
+        child.join(30)
+
+
+def test_two_store_objects_on_one_file_share_the_lock(path):
+    with SQLiteStore(path) as first, from_url(f"sqlite:{path}") as second:
+        assert isinstance(second, SQLiteStore) and first.location == second.location
+        token = first.acquire("k", 1)
+        try:
+            failure = []
+
+            def other():
+                try:
+                    second.acquire("k", 0.2)
+                except LockTimeout as exc:
+                    failure.append(exc)
+
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join(10)
+            assert len(failure) == 1
+        finally:
+            first.release("k", token)
+
+
+def test_every_file_is_owner_only_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        path = str(tmp_path / "new" / "dir" / "sessions.sqlite")
+        store = SQLiteStore(path)
+        token = store.acquire("k", 1)
+        store.save("k", b"x")
+        store.release("k", token)
+        directory = os.path.dirname(path)
+        names = sorted(os.listdir(directory))
+        assert "sessions.sqlite" in names and "sessions.sqlite.lock" in names
+        for name in names:
+            mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
+            assert mode == 0o600, f"{name} has mode {oct(mode)}"
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        store.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_file_that_is_not_a_database_gets_a_clear_error(tmp_path):
+    path = tmp_path / "garbage.sqlite"
+    content = b"this is not a database, just some text " * 200
+    path.write_bytes(content)
+    with pytest.raises(CorruptSessionError) as info:
+        SQLiteStore(str(path))
+    assert str(path) in str(info.value) and "not" in str(info.value)
+    assert path.read_bytes() == content
+
+
+def test_a_foreign_sessions_table_is_refused(tmp_path):
+    path = str(tmp_path / "other.sqlite")
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, payload TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not telesession's"):
+        SQLiteStore(path)
+
+
+def test_lookups_use_the_primary_key(store):
+    for i in range(50):
+        store.save(f"k{i}", b"x")
+    conn = sqlite3.connect(store.path)
+    try:
+        for sql, args in [("SELECT record FROM sessions WHERE key=?", ("k1",)),
+                          ("UPDATE sessions SET record=?, written=?, expires=? WHERE key=? AND record=?",
+                           (b"y", 0.0, None, "k1", b"x"))]:
+            plan = " ".join(str(row) for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+            assert "USING INDEX" in plan and "SCAN" not in plan, plan
+    finally:
+        conn.close()
+
+
+def test_keys_pages_through_many_rows(store):
+    expected = {f"key-{i:05d}" for i in range(1234)}
+    conn = store._conn(None)
+    conn.executemany("INSERT INTO sessions(key, record) VALUES (?, ?)", [(k, b"x") for k in expected])
+    assert set(store.keys()) == expected
+    assert len(list(store.keys())) == len(expected)
+
+
+def test_synchronous_option(path):
+    with SQLiteStore(path, synchronous="full") as store:
+        assert store._conn(None).execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert store._conn(None).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStore(path, synchronous="sometimes")
+
+
+def test_each_thread_has_its_own_connection_closed_when_it_ends(store):
+    seen = []
+    barrier = threading.Barrier(4)
+
+    def use():
+        seen.append(store._conn(None))
+        barrier.wait(10)  # all four alive at once
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len({id(c) for c in seen} | {id(store._conn(None))}) == 5
+    with pytest.raises(sqlite3.ProgrammingError):  # the ended threads' connections were closed
+        seen[0].execute("SELECT 1")
+
+
+def test_closed_store_refuses_work(path):
+    store = SQLiteStore(path)
+    store.save("k", b"x")
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.load("k")
+
+
+def test_errors_name_the_key_and_the_row(store):
+    with pytest.raises(StoreError) as info:
+        store.save("\udcff", b"x")  # a lone surrogate cannot be SQLite text
+    assert info.value.key == "\udcff" and store.path in info.value.where
