@@ -31,7 +31,7 @@ def _refuse(value: Any) -> Any:
 def _make_encoder() -> Callable[[Any], str]:
     """Compact, strict JSON; the C encoder called directly (one shot, no Python layers) when present."""
     try:
-        from json.encoder import c_make_encoder, encode_basestring
+        from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 
         if c_make_encoder is None:
             raise ImportError
@@ -52,7 +52,7 @@ def _make_encoder() -> Callable[[Any], str]:
 def _make_decoder() -> Callable[[str], Any]:
     """Strict JSON decoding without the whitespace handling of ``json.loads`` (we write no whitespace)."""
     decoder = json.JSONDecoder()
-    scan = json.scanner.make_scanner(decoder)  # type: ignore[attr-defined]
+    scan = json.scanner.make_scanner(decoder)  # type: ignore[arg-type]
     slow = decoder.decode
 
     def decode(text: str) -> Any:

@@ -77,22 +77,25 @@ class Store(abc.ABC):
 
         Returns a token to pass to ``release``.
         """
-        locks = self._locks if self._locks_pid == os.getpid() else self._thread_locks()
+        locks = self._locks if self._locks_pid == os.getpid() and self._locks is not None else self._thread_locks()
         start = time.monotonic()
-        got = locks.acquire(key, timeout)  # type: ignore[union-attr]
+        got = locks.acquire(key, timeout)
         if got == REENTERED:
             return None  # the outer holder owns the external lock
         if not got:
             raise self._timeout(key, timeout)
         try:
             return self._lock_external(key, max(timeout - (time.monotonic() - start), 0.0))
+        except LockTimeout:
+            locks.release(key)
+            raise self._timeout(key, timeout) from None  # name the timeout asked for, not what was left
         except BaseException:
-            locks.release(key)  # type: ignore[union-attr]
+            locks.release(key)
             raise
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""
-        locks = self._locks if self._locks_pid == os.getpid() else self._thread_locks()
+        locks = self._locks if self._locks_pid == os.getpid() and self._locks is not None else self._thread_locks()
         try:
             if token is not None:
                 self._unlock_external(key, token)

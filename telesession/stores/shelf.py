@@ -118,7 +118,7 @@ class ShelveStore(Store):
                         os.chmod(name, 0o600)
                 except OSError:
                     pass
-        return shelve.Shelf(db, protocol=4)
+        return shelve.Shelf(db, protocol=4)  # type: ignore[arg-type]
 
     def _restore_dumb_index(self) -> bool:
         """Put back ``dbm.dumb``'s previous index when a crash tore the current one."""

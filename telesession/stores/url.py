@@ -1,10 +1,11 @@
 """``from_url``: a store from one string, for configuration files and the CLI."""
+import re
 from typing import Any
 from urllib.parse import unquote
 
 from .base import Store
 
-__all__ = ["from_url", "SCHEMES"]
+__all__ = ["from_url", "scrub", "SCHEMES"]
 
 SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P, rediss://..."
 
@@ -18,7 +19,7 @@ def from_url(url: str, **options: Any) -> Store:
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
     if not sep:
-        raise ValueError(f"not a store URL: {url!r}; use one of {SCHEMES}")
+        raise ValueError(f"not a store URL: {scrub(url)!r}; use one of {SCHEMES}")
     if scheme == "memory":
         from .memory import MemoryStore
 
@@ -26,7 +27,7 @@ def from_url(url: str, **options: Any) -> Store:
     if scheme in ("json", "shelve", "sqlite"):
         path = unquote(rest[2:] if rest.startswith("//") else rest)
         if not path:
-            raise ValueError(f"store URL {url!r} names no path; use e.g. {scheme}:data/sessions")
+            raise ValueError(f"store URL {scrub(url)!r} names no path; use e.g. {scheme}:data/sessions")
         if scheme == "json":
             from .jsonfile import JSONFileStore
 
@@ -42,4 +43,9 @@ def from_url(url: str, **options: Any) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url, **options)
-    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; use one of {SCHEMES}")
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {scrub(url)!r}; use one of {SCHEMES}")
+
+
+def scrub(url: str) -> str:
+    """``url`` without the password (``redis://user:secret@host`` → ``redis://user:***@host``)."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
