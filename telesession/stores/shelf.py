@@ -9,12 +9,22 @@ proportion to the number of stored keys when Python has no ``gdbm`` (it then
 falls back to ``dbm.dumb``, as on this project's reference machine): prefer
 ``SQLiteStore`` beyond a few thousand sessions.
 
+``dbm.dumb`` itself is not crash-safe: it overwrites values in place and
+rewrites its index file non-atomically, so a process killed mid-save can leave
+a torn value or no index at all.  ``ShelveStore`` opens ``dbm.dumb`` databases
+through ``_AppendOnlyDumb``, which appends every new value instead of
+overwriting the old one and replaces the index atomically (temp file, fsync,
+rename) after the data is on disk: a crash leaves the old index pointing at old
+values, or the new one at new values.  The price: the ``.dat`` file grows by at
+least 512 bytes per save (``dbm.dumb`` never reclaims space).
+
 ``shelve`` pickles what it stores and loading a pickle runs code: never point a
 ``ShelveStore`` at a file that someone else can write.  The values kept here
 are our own JSON records, pickled as ``bytes``.
 """
 import ast
 import dbm
+import dbm.dumb
 import glob
 import logging
 import os
@@ -29,6 +39,46 @@ from .base import Store
 __all__ = ["ShelveStore"]
 
 logger = logging.getLogger("telesession")
+
+
+def _default_is_dumb() -> bool:
+    """Whether ``dbm`` would create a new database with ``dbm.dumb`` (no gdbm/ndbm in this Python)."""
+    for name in ("dbm.gnu", "dbm.ndbm"):
+        try:
+            __import__(name)
+            return False
+        except ImportError:
+            pass
+    return True
+
+
+_Dumb: Any = getattr(dbm.dumb, "_Database", None)
+_DUMB_HOOKS = _Dumb is not None and all(hasattr(_Dumb, n) for n in ("_setval", "_addval", "_commit"))
+
+
+if _DUMB_HOOKS:
+    class _AppendOnlyDumb(_Dumb):  # type: ignore[misc,valid-type]
+        """``dbm.dumb`` made crash-safe: never overwrite a value, replace the index atomically."""
+
+        def _setval(self, pos: int, val: bytes) -> Any:
+            return self._addval(val)  # the old value stays intact for the old index
+
+        def _commit(self) -> None:
+            if self._index is None or not self._modified:
+                return
+            with open(self._datfile, "rb+") as data:  # values first, then the index that points at them
+                os.fsync(data.fileno())
+            temp = os.fsdecode(self._dirfile) + ".tmp"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="Latin-1") as f:
+                for key, pos_and_siz in self._index.items():
+                    f.write("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self._dirfile)
+            self._modified = False  # type: ignore[has-type]
+
+        sync = _commit
 
 
 class ShelveStore(Store):
@@ -98,12 +148,18 @@ class ShelveStore(Store):
     def _shelf(self, verb: str, key: Optional[str]) -> "_OpenShelf":
         return _OpenShelf(self, verb, key)
 
+    def _open_db(self) -> Any:
+        kind = dbm.whichdb(self.path)
+        if _DUMB_HOOKS and (kind == "dbm.dumb" or (kind is None and _default_is_dumb())):
+            return _AppendOnlyDumb(self.path, 0o600, "c")
+        return dbm.open(self.path, "c", 0o600)
+
     def _open(self, verb: str, key: Optional[str]) -> shelve.Shelf:  # type: ignore[type-arg]
         try:
-            db = dbm.open(self.path, "c", 0o600)
+            db = self._open_db()
         except (SyntaxError, ValueError) as exc:  # dbm.dumb: a torn index from a crash mid-commit
             if self._restore_dumb_index():
-                db = dbm.open(self.path, "c", 0o600)
+                db = self._open_db()
             else:
                 raise CorruptSessionError(
                     f"cannot {verb} session {key!r}: the shelve database {self.path} is damaged "
