@@ -64,7 +64,7 @@ if _DUMB_HOOKS:
             return self._addval(val)  # the old value stays intact for the old index
 
         def _commit(self) -> None:
-            if self._index is None or not self._modified:
+            if self._index is None or not self._modified:  # type: ignore[has-type]
                 return
             with open(self._datfile, "rb+") as data:  # values first, then the index that points at them
                 os.fsync(data.fileno())
@@ -76,7 +76,7 @@ if _DUMB_HOOKS:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self._dirfile)
-            self._modified = False  # type: ignore[has-type]
+            self._modified = False
 
         sync = _commit
 
