@@ -1,4 +1,5 @@
 """A real threaded TeleBot processing real Update objects through the middleware and the decorator."""
+import os
 import threading
 import time
 
@@ -284,3 +285,77 @@ def test_ordered_processing_keeps_each_chats_order(tmp_path):
         assert bot._telesession_middlewares[0].sequencer.pending() == 0
     finally:
         stop(bot)
+
+
+class CountingHandler(telebot.ExceptionHandler):
+    """Collects the exceptions that escape telebot's tasks (what a bot would log)."""
+
+    def __init__(self):
+        self.errors = []
+        self.lock = threading.Lock()
+
+    def handle(self, exception):
+        with self.lock:
+            self.errors.append(exception)
+        return True
+
+
+def test_redis_outage_mid_run_gives_store_errors_and_the_bot_recovers(redis_server, redis_store_url):
+    from telesession.errors import StoreError
+
+    bot = make_bot()
+    bot.exception_handler = CountingHandler()
+    try:
+        sessions = Sessions(from_url(redis_store_url, socket_timeout=2, socket_connect_timeout=2),
+                            initial=lambda: {"count": 0})
+        sessions.setup(bot)
+        handled = []
+
+        @bot.message_handler(func=lambda m: True)
+        def count(message):
+            session["count"] += 1
+            handled.append(message.chat.id)
+
+        bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(50)])
+        drain(bot)
+        redis_server.client().save()  # so the restarted server comes back with the data
+        redis_server.stop()
+        started = time.monotonic()
+        bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(20)])
+        drain(bot)
+        assert time.monotonic() - started < 60, "the outage made the bot hang"
+        assert len(bot.exception_handler.errors) == 40
+        assert all(isinstance(e, StoreError) and "127.0.0.1" in str(e) for e in bot.exception_handler.errors)
+        redis_server.start()
+        bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(30)])
+        drain(bot)
+        assert len(handled) == 160  # every update handled while Redis was up, none during the outage
+        with sessions.open("1") as one, sessions.open("2") as two:
+            assert one["count"] == 80 and two["count"] == 80
+    finally:
+        stop(bot)
+        redis_server.start()
+        dump = os.path.join(redis_server.directory, "dump.rdb")
+        if os.path.exists(dump):
+            os.unlink(dump)
+
+
+def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
+    from telesession.errors import StoreError
+
+    bot.exception_handler = CountingHandler()
+    store = from_url(f"json:{tmp_path / 's'}")
+    os.mkdir(store.path("13"))  # chat 13's record path is a directory: unreadable and unwritable
+    sessions = Sessions(store, initial=lambda: {"count": 0})
+    sessions.setup(bot)
+
+    @bot.message_handler(func=lambda m: True)
+    def count(message):
+        session["count"] += 1
+
+    bot.process_new_updates([message_update("x", chat_id=c) for c in (12, 13, 14) for _ in range(10)])
+    drain(bot)
+    errors = bot.exception_handler.errors
+    assert len(errors) == 10 and all(isinstance(e, StoreError) and "'13'" in str(e) for e in errors)
+    with sessions.open("12") as a, sessions.open("14") as b:
+        assert a["count"] == 10 and b["count"] == 10
