@@ -63,18 +63,22 @@ if _DUMB_HOOKS:
         def _setval(self, pos: int, val: bytes) -> Any:
             return self._addval(val)  # the old value stays intact for the old index
 
+        fsync = True
+
         def _commit(self) -> None:
             if self._index is None or not self._modified:  # type: ignore[has-type]
                 return
-            with open(self._datfile, "rb+") as data:  # values first, then the index that points at them
-                os.fsync(data.fileno())
+            if self.fsync:  # values first, then the index that points at them
+                with open(self._datfile, "rb+") as data:
+                    os.fsync(data.fileno())
             temp = os.fsdecode(self._dirfile) + ".tmp"
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="Latin-1") as f:
                 for key, pos_and_siz in self._index.items():
                     f.write("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz))
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
             os.replace(temp, self._dirfile)
             self._modified = False
 
@@ -82,10 +86,15 @@ if _DUMB_HOOKS:
 
 
 class ShelveStore(Store):
-    """Sessions in the ``shelve`` database at ``path`` (files ``path*``, all mode 0600)."""
+    """Sessions in the ``shelve`` database at ``path`` (files ``path*``, all mode 0600).
 
-    def __init__(self, path: str) -> None:
+    ``fsync=False`` skips flushing to the disk on each save (``dbm.dumb`` only): a
+    killed process still loses nothing, a power cut may lose the latest saves.
+    """
+
+    def __init__(self, path: str, *, fsync: bool = True) -> None:
         self.path = os.path.abspath(path)
+        self.fsync = fsync
         parent = os.path.dirname(self.path)
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -151,7 +160,9 @@ class ShelveStore(Store):
     def _open_db(self) -> Any:
         kind = dbm.whichdb(self.path)
         if _DUMB_HOOKS and (kind == "dbm.dumb" or (kind is None and _default_is_dumb())):
-            return _AppendOnlyDumb(self.path, 0o600, "c")
+            db = _AppendOnlyDumb(self.path, 0o600, "c")
+            db.fsync = self.fsync
+            return db
         return dbm.open(self.path, "c", 0o600)
 
     def _open(self, verb: str, key: Optional[str]) -> shelve.Shelf:  # type: ignore[type-arg]
