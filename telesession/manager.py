@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Union, cast, overload
 
 from . import context, keys
 from .errors import CorruptSessionError, NoActiveSession
@@ -224,7 +224,19 @@ class Sessions(Generic[T]):
     and ``lazy``.
     """
 
-    def __init__(self, store: Union[Store, str, None] = None, *, initial: Callable[[], T] = dict,  # type: ignore[assignment]
+    @overload
+    def __init__(self: "Sessions[Dict[str, Any]]", store: Union[Store, str, None] = None, *,
+                 key: keys.KeyFunc = ..., name: str = ..., lock_timeout: float = ...,
+                 save_on_error: bool = ..., ttl: Optional[float] = ..., version: int = ...,
+                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...) -> None: ...
+
+    @overload
+    def __init__(self, store: Union[Store, str, None] = None, *, initial: Callable[[], T],
+                 key: keys.KeyFunc = ..., name: str = ..., lock_timeout: float = ...,
+                 save_on_error: bool = ..., ttl: Optional[float] = ..., version: int = ...,
+                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...) -> None: ...
+
+    def __init__(self, store: Union[Store, str, None] = None, *, initial: Callable[[], Any] = dict,
                  key: keys.KeyFunc = keys.by_chat, name: str = "session", lock_timeout: float = 30.0,
                  save_on_error: bool = False, ttl: Optional[float] = None, version: int = 0,
                  migrations: Optional[Mapping[int, Callable[[Any], Any]]] = None,
