@@ -11,7 +11,8 @@ another user's private session.
 """
 from typing import Any, Callable, Optional
 
-__all__ = ["KeyFunc", "by_chat", "by_user", "by_user_in_chat", "by_chat_topic", "chat_id_of", "user_id_of"]
+__all__ = ["KeyFunc", "by_chat", "by_user", "by_user_in_chat", "by_chat_topic", "prefixed", "chat_id_of",
+           "user_id_of"]
 
 KeyFunc = Callable[[Any], Optional[str]]
 
@@ -68,3 +69,18 @@ def by_chat_topic(update: Any) -> Optional[str]:
     if thread_id is None or not getattr(message, "is_topic_message", False):
         return str(chat_id)
     return f"{chat_id}:{thread_id}"
+
+
+def prefixed(prefix: str, key: KeyFunc) -> KeyFunc:
+    """``key`` with ``prefix`` in front, so that two managers can share one store.
+
+    Managers over one store share its keys: a private chat's ``by_chat`` key equals its
+    user's ``by_user`` key.  ``Sessions(store, key=keys.prefixed("user:", keys.by_user))``
+    keeps a user-level session apart from the chat-level one.
+    """
+    def prefixed_key(update: Any) -> Optional[str]:
+        value = key(update)
+        return None if value is None else prefix + value
+
+    prefixed_key.__name__ = f"prefixed({prefix!r}, {getattr(key, '__name__', key)!r})"
+    return prefixed_key

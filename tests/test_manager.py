@@ -428,3 +428,32 @@ def test_memory_store_copies(tmp_path):
     items.append(2)  # after the lock is gone: must not reach the store
     with sessions.open("1") as s:
         assert s["items"] == [1]
+
+
+def test_prefixed_keys_let_two_managers_share_a_store(json_store):
+    from telesession import keys
+
+    class User:
+        id = 5
+
+    class Chat:
+        id = 5  # a private chat: its id is the user's id
+
+    class Message:
+        from_user = User()
+        chat = Chat()
+
+    chats = Sessions(json_store, initial=lambda: {"form": "empty"})
+    users = Sessions(json_store, initial=lambda: {"lang": "en"}, key=keys.prefixed("user:", keys.by_user))
+
+    @chats.with_session
+    @users.with_session
+    def handler(message):
+        assert users.current["lang"] == "en" and chats.current["form"] == "empty"
+        chats.current["form"] = "filled"
+        users.current["lang"] = "de"
+
+    handler(Message())
+    assert sorted(json_store.keys()) == ["5", "user:5"]
+    assert read_record(json_store, "user:5")["data"] == {"lang": "de"}
+    assert keys.prefixed("u:", keys.by_user)(object()) is None
