@@ -255,15 +255,7 @@ def _fill(directory) -> str:
     return filler
 
 
-SHELVE_DEFERRED_COMMIT = (
-    "BUG: ShelveStore: when a save fails (ENOSPC/EFBIG), shelve.Shelf.close() raises from sync() and "
-    "never closes the dbm.dumb object; the object, kept alive by the raised exception's traceback, "
-    "commits its stale index from __del__ whenever it is collected, outside every lock: keys saved "
-    "in between vanish and others roll back")
-
-
-@pytest.mark.parametrize("kind", ["json", "sqlite", pytest.param(
-    "shelve", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SHELVE_DEFERRED_COMMIT))])
+@pytest.mark.parametrize("kind", ["json", "sqlite", "shelve"])
 def test_disk_full(kind, tiny_tmpfs):
     url = _url(kind, tiny_tmpfs)
     store = from_url(url)
@@ -335,10 +327,7 @@ def test_sqlite_database_damaged_under_an_open_store(tmp_path):
     assert path.read_bytes() == garbage
 
 
-@pytest.mark.parametrize("damage", ["binary", "text", pytest.param("not-a-pair", marks=pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="BUG: ShelveStore._open catches only SyntaxError/ValueError from "
-    "dbm.dumb's index parser; an index line that is a Python literal but not a (key, (pos, size)) pair "
-    "escapes as a raw TypeError instead of CorruptSessionError"))])
+@pytest.mark.parametrize("damage", ["binary", "text", "not-a-pair"])
 def test_shelve_garbage_index(damage, tmp_path):
     url = _url("shelve", tmp_path)
     sessions = _seed(url, k=1, other=2)

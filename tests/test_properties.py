@@ -87,10 +87,6 @@ def test_keys_sharing_a_long_prefix_stay_distinct(prefix, tail):
     assert key_to_filename(a) != key_to_filename(b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: key_to_filename keeps plain lowercase keys as they are, so the keys 'nul', 'con', 'aux', "
-    "'prn', 'com1'..'lpt9' become nul.json & co, which Windows treats as devices whatever the "
-    "extension: the session would go to the device instead of a file in the directory"))
 def test_no_key_becomes_a_windows_device_name():
     for device in sorted(WINDOWS_DEVICES):
         for key in (device, device.lower(), device.capitalize(), device.lower() + ".x"):

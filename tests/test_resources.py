@@ -187,12 +187,6 @@ def test_twenty_thousand_updates_leak_no_descriptors_or_threads(kind, fast_dir):
         assert _fds() < fds, "closing the store must release its descriptors"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: JSONFileStore.save names its temp file .PID-N.tmp with N counted per store object, so two "
-    "JSONFileStore objects on one directory in one process (two Sessions over one store, which the "
-    "design allows) pick the same temp name: O_EXCL fails (EEXIST), the failing save then unlinks "
-    "the other writer's temp file, whose os.replace fails (ENOENT): spurious StoreErrors, and a third "
-    "writer re-creating the name in between would put its record into the wrong key's file"))
 def test_temp_files_of_several_store_objects_on_one_directory_never_collide(fast_dir):
     managers = [Sessions(JSONFileStore(os.path.join(fast_dir, "sessions"), fsync=False),
                          initial=lambda: {"count": 0}) for _ in range(4)]

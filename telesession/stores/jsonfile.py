@@ -14,11 +14,11 @@ one.  Processes exclude each other per key with record locks on one byte of
 vanish with it).
 """
 import hashlib
+import itertools
 import json
 import logging
 import os
 import re
-import threading
 import time
 from typing import Iterator, Optional
 from urllib.parse import unquote_to_bytes
@@ -36,17 +36,20 @@ _KEEP = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-.")
 _SUFFIX = ".json"
 _MAX_NAME = 200
 _STALE_TEMP_SECONDS = 3600
+_temp_names = itertools.count()  # next() is atomic under the GIL
+_WINDOWS_DEVICES = frozenset(["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)])
 
 
 def key_to_filename(key: str) -> str:
-    """The file name of ``key``: injective, never a path, never hidden, at most 205 bytes."""
-    if _PLAIN.match(key) and len(key) <= _MAX_NAME:
+    """The file name of ``key``: injective, never a path, never hidden, never a Windows device, <= 205 bytes."""
+    if _PLAIN.match(key) and len(key) <= _MAX_NAME and key.partition(".")[0] not in _WINDOWS_DEVICES:
         return key + _SUFFIX
     if not key:
         return "%" + _SUFFIX
+    device = key.partition(".")[0].lower() in _WINDOWS_DEVICES  # "nul" -> "%6Eul"
     parts = []
     for i, ch in enumerate(key):
-        if ch in _KEEP and (i or ch != "."):
+        if ch in _KEEP and (i or (ch != "." and not device)):
             parts.append(ch)
         else:
             parts.extend("%%%02X" % b for b in ch.encode("utf-8", "surrogatepass"))
@@ -82,8 +85,6 @@ class JSONFileStore(Store):
             raise StoreError(f"{self.directory} is not a directory", None, self.directory)
         self.location = ("json", os.path.realpath(self.directory))
         self._lock_path = os.path.join(self.directory, ".lock")
-        self._counter = 0
-        self._counter_mutex = threading.Lock()
         self._remove_stale_temp_files()
 
     def path(self, key: str) -> str:
@@ -108,12 +109,13 @@ class JSONFileStore(Store):
     def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
              ttl: Optional[float] = None) -> None:
         path = self.path(key)
-        with self._counter_mutex:
-            self._counter += 1
-            n = self._counter
-        temp = os.path.join(self.directory, f".{os.getpid()}-{n}.tmp")
+        # Unique per process (module-wide counter: several store objects may share a directory).
+        temp = os.path.join(self.directory, f".{os.getpid()}-{next(_temp_names)}.tmp")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError as exc:
+            raise self._error("write", key, path, exc) from exc
+        try:
             try:
                 view = memoryview(record)
                 while view:

@@ -22,7 +22,6 @@ least 512 bytes per save (``dbm.dumb`` never reclaims space).
 ``ShelveStore`` at a file that someone else can write.  The values kept here
 are our own JSON records, pickled as ``bytes``.
 """
-import ast
 import dbm
 import dbm.dumb
 import glob
@@ -68,19 +67,28 @@ if _DUMB_HOOKS:
         def _commit(self) -> None:
             if self._index is None or not self._modified:  # type: ignore[has-type]
                 return
-            if self.fsync:  # values first, then the index that points at them
-                with open(self._datfile, "rb+") as data:
-                    os.fsync(data.fileno())
             temp = os.fsdecode(self._dirfile) + ".tmp"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="Latin-1") as f:
-                for key, pos_and_siz in self._index.items():
-                    f.write("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz))
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.replace(temp, self._dirfile)
-            self._modified = False
+            try:
+                if self.fsync:  # values first, then the index that points at them
+                    with open(self._datfile, "rb+") as data:
+                        os.fsync(data.fileno())
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="Latin-1") as f:
+                    for key, pos_and_siz in self._index.items():
+                        f.write("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz))
+                    f.flush()
+                    if self.fsync:
+                        os.fsync(f.fileno())
+                os.replace(temp, self._dirfile)
+            except BaseException:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+                raise
+            finally:
+                # Committed or not, never write this index again (e.g. from __del__, outside our locks).
+                self._modified = False
 
         sync = _commit
 
@@ -166,18 +174,17 @@ class ShelveStore(Store):
         return dbm.open(self.path, "c", 0o600)
 
     def _open(self, verb: str, key: Optional[str]) -> shelve.Shelf:  # type: ignore[type-arg]
+        what = f"{verb} session {key!r}" if key is not None else f"{verb} the store"
         try:
             db = self._open_db()
-        except (SyntaxError, ValueError) as exc:  # dbm.dumb: a torn index from a crash mid-commit
-            if self._restore_dumb_index():
-                db = self._open_db()
-            else:
-                raise CorruptSessionError(
-                    f"cannot {verb} session {key!r}: the shelve database {self.path} is damaged "
-                    f"({type(exc).__name__}: {exc})", key, self.path) from exc
+        except (SyntaxError, ValueError, TypeError) as exc:  # dbm.dumb: an unreadable index
+            backup = f"; {self.path}.bak may hold an older index" if os.path.exists(self.path + ".bak") else ""
+            raise CorruptSessionError(
+                f"cannot {what}: the shelve database {self.path} is damaged "
+                f"({type(exc).__name__}: {exc}); it was left untouched{backup}", key, self.path) from exc
         except (OSError, dbm.error[0]) as exc:  # type: ignore[misc]
-            raise StoreError(f"cannot {verb} session {key!r}: cannot open the shelve database "
-                             f"{self.path}: {exc}", key, self.path) from exc
+            raise StoreError(f"cannot {what}: cannot open the shelve database {self.path}: {exc}",
+                             key, self.path) from exc
         for name in glob.glob(glob.escape(self.path) + "*"):
             if not name.endswith(".lock"):
                 try:
@@ -186,27 +193,6 @@ class ShelveStore(Store):
                 except OSError:
                     pass
         return shelve.Shelf(db, protocol=4)  # type: ignore[arg-type]
-
-    def _restore_dumb_index(self) -> bool:
-        """Put back ``dbm.dumb``'s previous index when a crash tore the current one."""
-        directory, backup = self.path + ".dir", self.path + ".bak"
-        try:
-            with open(backup, encoding="Latin-1") as f:
-                text = f.read()
-            for line in text.splitlines():
-                ast.literal_eval(line)
-        except (OSError, SyntaxError, ValueError):
-            return False
-        logger.warning("shelve index %s was damaged; restored it from %s", directory, backup)
-        temp = directory + ".restore"
-        with open(temp, "w", encoding="Latin-1") as f:
-            f.write(text)
-        os.replace(temp, directory)
-        return True
-
-
-    def __repr__(self) -> str:
-        return f"ShelveStore({self.path!r})"
 
 
 class _OpenShelf:
@@ -236,6 +222,10 @@ class _OpenShelf:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
+            if exc_type is not None:  # the operation failed: keep the index as it was on disk
+                db = self.shelf.dict
+                if _DUMB_HOOKS and isinstance(db, _AppendOnlyDumb):
+                    db._modified = False
             self.shelf.close()
             if isinstance(exc, OSError) and not isinstance(exc, StoreError):
                 raise exc
