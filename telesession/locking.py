@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Dict, Hashable, List, Optional
 
-__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for", "held_keys"]
+__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for", "held_keys",
+           "current_pid"]
 
 try:  # POSIX
     import fcntl
@@ -138,6 +139,12 @@ class RangeLockFile:
 
 
 _registry_mutex = threading.Lock()
+_pid = os.getpid()
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without the system call: kept up to date across ``fork``."""
+    return _pid
 _key_locks: Dict[Hashable, KeyLocks] = {}
 _lock_files: Dict[str, RangeLockFile] = {}
 
@@ -171,8 +178,9 @@ def range_lock_file_for(path: str) -> RangeLockFile:
 def _after_fork_in_child() -> None:
     # A forked worker must not inherit the parent's thread-lock state (a key held by a
     # parent thread would stay held forever) nor share its lock-file descriptors.
-    global _registry_mutex
+    global _registry_mutex, _pid
     _registry_mutex = threading.Lock()
+    _pid = os.getpid()
     _key_locks.clear()
     _lock_files.clear()
 

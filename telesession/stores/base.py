@@ -11,12 +11,11 @@ location; a backend that is shared between processes adds its own exclusion by
 overriding ``_lock_external`` and ``_unlock_external``.
 """
 import abc
-import os
 import time
 from typing import Any, Hashable, Iterator, Optional
 
-from ..errors import LockTimeout
-from ..locking import REENTERED, KeyLocks, key_locks_for
+from ..errors import LockTimeout, StoreError
+from ..locking import REENTERED, KeyLocks, RangeLockFile, current_pid, key_locks_for, range_lock_file_for
 
 __all__ = ["Store"]
 
@@ -31,8 +30,15 @@ class Store(abc.ABC):
     #: Whether ``save`` and ``delete`` check ``previous`` and raise ``ConflictError``.
     conditional: bool = False
 
+    #: Stores shared by processes on one host name a lock file: one byte of it per key
+    #: (``telesession.locking.RangeLockFile``).  ``None``: this process only, or a backend
+    #: that overrides ``_lock_external`` (Redis).
+    lock_path: Optional[str] = None
+
     _locks: Optional[KeyLocks] = None
     _locks_pid: int = -1
+    _lock_file: Optional[RangeLockFile] = None
+    _lock_file_pid: int = -1
 
     # -- what a backend implements -------------------------------------------------------
 
@@ -66,7 +72,7 @@ class Store(abc.ABC):
     # -- locking ------------------------------------------------------------------------
 
     def _thread_locks(self) -> KeyLocks:
-        pid = os.getpid()
+        pid = current_pid()
         if self._locks_pid != pid:  # first use, or a forked child: take this process's registry
             self._locks = key_locks_for(self.location)
             self._locks_pid = pid
@@ -77,7 +83,7 @@ class Store(abc.ABC):
 
         Returns a token to pass to ``release``.
         """
-        locks = self._locks if self._locks_pid == os.getpid() and self._locks is not None else self._thread_locks()
+        locks = self._locks if self._locks_pid == current_pid() and self._locks is not None else self._thread_locks()
         start = time.monotonic()
         got = locks.acquire(key, timeout)
         if got == REENTERED:
@@ -95,7 +101,7 @@ class Store(abc.ABC):
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""
-        locks = self._locks if self._locks_pid == os.getpid() and self._locks is not None else self._thread_locks()
+        locks = self._locks if self._locks_pid == current_pid() and self._locks is not None else self._thread_locks()
         try:
             if token is not None:
                 self._unlock_external(key, token)
@@ -105,12 +111,30 @@ class Store(abc.ABC):
     def _lock_external(self, key: str, timeout: float) -> Any:
         """Exclude other processes/machines from ``key``; return a non-``None`` token.
 
-        The default (a store private to this process) has nothing to do.
+        The default locks ``key``'s byte of ``lock_path`` (nothing to do without one).
         """
-        return True
+        if self.lock_path is None:
+            return True
+        lock_file = self._process_lock_file(key)
+        if not lock_file.acquire(key, timeout):
+            raise self._timeout(key, timeout)
+        return lock_file
 
     def _unlock_external(self, key: str, token: Any) -> None:
         """Undo ``_lock_external``."""
+        if token is not True:
+            token.release(key)
+
+    def _process_lock_file(self, key: Optional[str] = None) -> RangeLockFile:
+        """This process's open ``lock_path``, looked up once per process, not per update."""
+        if self._lock_file_pid != current_pid() or self._lock_file is None:
+            try:
+                self._lock_file = range_lock_file_for(self.lock_path)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise StoreError(f"cannot lock session {key!r}: cannot open the lock file {self.lock_path}: "
+                                 f"{exc.strerror or exc}", key, self.lock_path) from exc
+            self._lock_file_pid = current_pid()
+        return self._lock_file
 
     def _timeout(self, key: str, timeout: float) -> LockTimeout:
         return LockTimeout(

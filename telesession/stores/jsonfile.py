@@ -24,7 +24,6 @@ from typing import Iterator, Optional
 from urllib.parse import unquote_to_bytes
 
 from ..errors import StoreError
-from ..locking import range_lock_file_for
 from .base import Store
 
 __all__ = ["JSONFileStore", "key_to_filename", "filename_to_key"]
@@ -84,7 +83,7 @@ class JSONFileStore(Store):
         if not os.path.isdir(self.directory):
             raise StoreError(f"{self.directory} is not a directory", None, self.directory)
         self.location = ("json", os.path.realpath(self.directory))
-        self._lock_path = os.path.join(self.directory, ".lock")
+        self.lock_path = os.path.join(self.directory, ".lock")
         self._remove_stale_temp_files()
 
     def path(self, key: str) -> str:
@@ -156,20 +155,6 @@ class JSONFileStore(Store):
                 if not isinstance(key, str):
                     continue
             yield key
-
-    # -- locking --------------------------------------------------------------------
-
-    def _lock_external(self, key: str, timeout: float) -> object:
-        try:
-            lock_file = range_lock_file_for(self._lock_path)
-        except OSError as exc:
-            raise self._error("lock", key, self._lock_path, exc) from exc
-        if not lock_file.acquire(key, timeout):
-            raise self._timeout(key, timeout)
-        return lock_file
-
-    def _unlock_external(self, key: str, token: object) -> None:
-        token.release(key)  # type: ignore[attr-defined]
 
     # -- helpers --------------------------------------------------------------------
 

@@ -32,7 +32,6 @@ import threading
 from typing import Any, Iterator, Optional
 
 from ..errors import CorruptSessionError, StoreError
-from ..locking import range_lock_file_for
 from .base import Store
 
 __all__ = ["ShelveStore"]
@@ -109,7 +108,7 @@ class ShelveStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot create {parent}: {exc.strerror}", None, self.path) from exc
         self.location = ("shelve", os.path.realpath(self.path))
-        self._lock_path = self.path + ".lock"
+        self.lock_path = self.path + ".lock"
         self._mutex = threading.Lock()
         with self._shelf("create", None):
             pass
@@ -148,17 +147,6 @@ class ShelveStore(Store):
     def keys(self) -> Iterator[str]:
         with self._shelf("list", None) as shelf:
             return iter(list(shelf.keys()))
-
-    # -- locking --------------------------------------------------------------------
-
-    def _lock_external(self, key: str, timeout: float) -> Any:
-        lock_file = range_lock_file_for(self._lock_path)
-        if not lock_file.acquire(key, timeout):
-            raise self._timeout(key, timeout)
-        return lock_file
-
-    def _unlock_external(self, key: str, token: Any) -> None:
-        token.release(key)
 
     # -- the shelf ------------------------------------------------------------------
 
@@ -206,7 +194,7 @@ class _OpenShelf:
         store = self.store
         store._mutex.acquire()
         try:
-            lock_file = range_lock_file_for(store._lock_path)
+            lock_file = store._process_lock_file(self.key)
             if not lock_file.acquire(None, 60.0):
                 raise StoreError(f"cannot {self.verb} session {self.key!r}: the shelve database "
                                  f"{store.path} stayed locked for 60 s", self.key, store.path)
@@ -233,5 +221,5 @@ class _OpenShelf:
             raise StoreError(f"cannot {self.verb} session {self.key!r} ({self.store.path}): {err}",
                              self.key, self.store.path) from err
         finally:
-            range_lock_file_for(self.store._lock_path).release(None)
+            self.store._process_lock_file(self.key).release(None)
             self.store._mutex.release()

@@ -16,10 +16,9 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Iterator, List, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 from ..errors import ConflictError, CorruptSessionError, StoreError
-from ..locking import RangeLockFile, range_lock_file_for
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -95,8 +94,7 @@ class SQLiteStore(Store):
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
         self._closed = False
-        self._lock_file: Optional[RangeLockFile] = None
-        self._lock_file_pid = -1
+        self.lock_path = self.path + ".lock"
         self._initialize()
 
     # -- files and connections ----------------------------------------------------------
@@ -171,13 +169,6 @@ class SQLiteStore(Store):
         with self._mutex:
             self._all.add(holder)
         return conn
-
-    def _locks_file(self) -> RangeLockFile:
-        pid = os.getpid()
-        if self._lock_file_pid != pid:
-            self._lock_file = range_lock_file_for(self.path + ".lock")
-            self._lock_file_pid = pid
-        return self._lock_file  # type: ignore[return-value]
 
     def _error(self, exc: BaseException, key: Optional[str], where: str, doing: str) -> StoreError:
         text = str(exc)
@@ -300,16 +291,6 @@ class SQLiteStore(Store):
         if purged:
             logger.debug("purged %d expired sessions from %s", purged, self.path)
         return purged
-
-    # -- locking between processes ------------------------------------------------------
-
-    def _lock_external(self, key: str, timeout: float) -> Any:
-        if not self._locks_file().acquire(key, timeout):
-            raise self._timeout(key, timeout)
-        return True
-
-    def _unlock_external(self, key: str, token: Any) -> None:
-        self._locks_file().release(key)
 
     # -- lifecycle ----------------------------------------------------------------------
 
