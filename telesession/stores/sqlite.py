@@ -93,6 +93,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
+        # One writer at a time in this process: threads queue here instead of in SQLite's
+        # busy handler, which sleeps in steps of milliseconds (other processes still do).
+        self._write_mutex = threading.Lock()
         self._closed = False
         self.lock_path = self.path + ".lock"
         self._initialize()
@@ -204,14 +207,8 @@ class SQLiteStore(Store):
         expires = None if ttl is None else written + ttl
         conn = self._conn(key)
         try:
-            if previous is None:
-                cur = conn.execute(
-                    "INSERT INTO sessions(key, record, written, expires) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(key) DO NOTHING", (key, record, written, expires))
-            else:
-                cur = conn.execute(
-                    "UPDATE sessions SET record=?, written=?, expires=? WHERE key=? AND record=?",
-                    (record, written, expires, key, previous))
+            with self._write_mutex:
+                cur = self._write(conn, key, record, written, expires, previous)
             changed = cur.rowcount
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "writing") from exc
@@ -220,6 +217,17 @@ class SQLiteStore(Store):
             raise ConflictError(
                 f"session {key!r} {what} by another writer since it was loaded "
                 f"({self.describe(key)}); nothing was overwritten", key, self.describe(key))
+
+    @staticmethod
+    def _write(conn: sqlite3.Connection, key: str, record: bytes, written: float,
+               expires: Optional[float], previous: Optional[bytes]) -> sqlite3.Cursor:
+        if previous is None:
+            return conn.execute(
+                "INSERT INTO sessions(key, record, written, expires) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(key) DO NOTHING", (key, record, written, expires))
+        return conn.execute(
+            "UPDATE sessions SET record=?, written=?, expires=? WHERE key=? AND record=?",
+            (record, written, expires, key, previous))
 
     def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
         """Remove the row; with ``previous``, only if it is still that record.
