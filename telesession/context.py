@@ -6,6 +6,7 @@ threads are reused, so nothing may stay behind.  Frames are removed by identity,
 not by ``ContextVar.reset``, because telebot runs middleware ``post_process``
 hooks in registration order, not in reverse.
 """
+import os
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
 
@@ -128,6 +129,16 @@ class SessionProxy(MutableMapping):  # type: ignore[type-arg]
             return f"<session {self._resolve()!r}>"
         except NoActiveSession:
             return "<session (none active)>"
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits the forking thread's bound sessions, but not their locks: it
+    # must not see them as its own (the parent still holds them and will save them).
+    _stack.set(())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The innermost active session of this thread.

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Uni
 
 from . import context, keys
 from .errors import CorruptSessionError, NoActiveSession
+from .locking import current_pid
 from .records import build_record, check_round_trip, data_text, encode_data, from_plain, parse_record, to_plain
 from .stores.base import Store
 
@@ -43,7 +44,7 @@ def _checked(key: str) -> str:
 class _Handle:
     """The state of one opened session: its lock, the record it was loaded from, its value."""
 
-    __slots__ = ("manager", "key", "store", "state", "token", "raw", "data", "baseline", "deleted")
+    __slots__ = ("manager", "key", "store", "state", "token", "raw", "data", "baseline", "deleted", "pid")
 
     def __init__(self, manager: "Sessions[Any]", key: Optional[str]) -> None:
         self.manager = manager
@@ -55,6 +56,7 @@ class _Handle:
         self.data: Any = None
         self.baseline: Optional[str] = None
         self.deleted = False
+        self.pid = current_pid()  # a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:
         """The session object, loading it (under the lock) on first use."""
@@ -113,7 +115,7 @@ class _Handle:
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
-        if self.state != _LOADED:
+        if self.state != _LOADED or self.pid != current_pid():
             self.state = _CLOSED
             return
         try:
@@ -125,7 +127,7 @@ class _Handle:
 
     def abandon(self) -> None:
         """Release the lock without saving (the handler's outcome is unknown)."""
-        if self.state == _LOADED:
+        if self.state == _LOADED and self.pid == current_pid():
             self.state = _CLOSED
             self.store.release(cast(str, self.key), self.token)
         self.state = _CLOSED
