@@ -1,6 +1,8 @@
 """Helpers shared by the tests: waiting for telebot's worker pool, child processes on a store."""
+import json
 import threading
-from typing import Any
+import time
+from typing import Any, Optional
 
 from telesession import Sessions, session
 from telesession.stores import from_url
@@ -37,3 +39,37 @@ def hold_key(url: str, key: str, ready: Any, seconds: float, **store_options: An
     with sessions.open(key):
         ready.set()
         time.sleep(seconds)
+
+
+# -- store-level helpers: what the manager does, by hand, below it -----------------------
+
+def record(key: str, count: int) -> bytes:
+    """A record whose session is ``{"count": count}``."""
+    return json.dumps({"version": 0, "written": time.time(), "key": key,
+                       "data": {"count": count}}).encode()
+
+
+def increment(store: Any, key: str, timeout: float = 30.0) -> None:
+    """One update the way the manager does it: lock, load, change, conditional save, unlock."""
+    token = store.acquire(key, timeout)
+    try:
+        raw = store.load(key)
+        count = 0 if raw is None else json.loads(raw)["data"]["count"]
+        store.save(key, record(key, count + 1), previous=raw)
+    finally:
+        store.release(key, token)
+
+
+def count_of(store: Any, key: str) -> Optional[int]:
+    raw = store.load(key)
+    return None if raw is None else json.loads(raw)["data"]["count"]
+
+
+def increments_in_child(url_or_store: Any, key: str, times: int, barrier: Any) -> None:
+    """Child-process body: ``times`` increments of ``key`` and of 8 spread keys, after ``barrier``."""
+    store = from_url(url_or_store) if isinstance(url_or_store, str) else url_or_store
+    barrier.wait(60)
+    for i in range(times):
+        increment(store, key)
+        increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
+    store.close()

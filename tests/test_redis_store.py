@@ -1,6 +1,5 @@
 """RedisStore against a real redis-server: layout, conditional writes, leases, threads, processes, outages."""
 import importlib.util
-import json
 import logging
 import multiprocessing
 import os
@@ -16,6 +15,8 @@ import pytest
 from telesession.errors import ConflictError, LockTimeout, StoreError
 from telesession.stores import from_url
 
+from support import count_of, increment  # noqa: E402  (tests/ is on sys.path)
+
 pytestmark = pytest.mark.redis
 
 if importlib.util.find_spec("redis") is None and os.environ.get("TELESESSION_REQUIRE_REDIS") != "1":
@@ -25,27 +26,6 @@ HOSTILE_KEYS = ["../x", "/", "\\", "..", ".", "ключ 🔑", "k" * 300, "lock:
                 "a\x00b", "*", "[a]", "?", "", " ", "\udcff"]
 
 
-def record(key, count):
-    return json.dumps({"version": 0, "written": time.time(), "key": key,
-                       "data": {"count": count}}).encode()
-
-
-def increment(store, key, timeout=30.0):
-    """One update the way the manager does it: lock, load, change, conditional save, unlock."""
-    token = store.acquire(key, timeout)
-    try:
-        raw = store.load(key)
-        count = 0 if raw is None else json.loads(raw)["data"]["count"]
-        store.save(key, record(key, count + 1), previous=raw)
-    finally:
-        store.release(key, token)
-
-
-def count_of(store, key):
-    raw = store.load(key)
-    return None if raw is None else json.loads(raw)["data"]["count"]
-
-
 def open_store(url, **options):
     from telesession.stores.redis import RedisStore
 
@@ -53,15 +33,6 @@ def open_store(url, **options):
 
 
 # -- child-process bodies (module level: spawn pickles them by name) ---------------------
-
-def _increments_in_child(url_or_store, key, times, barrier):
-    store = open_store(url_or_store) if isinstance(url_or_store, str) else url_or_store
-    barrier.wait(60)
-    for i in range(times):
-        increment(store, key)
-        increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
-    store.close()
-
 
 def _hold_in_child(url, key, ready, done, lease):
     store = open_store(url, lease=lease)
@@ -242,57 +213,6 @@ def _timeout_of(store, key, timeout):
     except LockTimeout as exc:
         return [exc]
     return []
-
-
-def test_sixteen_threads_lose_no_increment(store):
-    threads, per_thread = 16, 25
-    barrier = threading.Barrier(threads)
-    errors = []
-
-    def work():
-        try:
-            barrier.wait(10)
-            for _ in range(per_thread):
-                increment(store, "counter")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert errors == []
-    assert count_of(store, "counter") == threads * per_thread
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_four_processes_lose_no_increment(redis_store_url, method):
-    if method not in multiprocessing.get_all_start_methods():
-        pytest.skip(f"no {method} here")
-    ctx = multiprocessing.get_context(method)
-    processes, per_process = 4, 25
-    barrier = ctx.Barrier(processes)
-    expected = processes * per_process
-    target = redis_store_url
-    parent = None
-    if method == "fork":  # children reuse the parent's store object and its connection pool
-        parent = target = open_store(redis_store_url)
-        increment(parent, "counter")
-        expected += 1
-    children = [ctx.Process(target=_increments_in_child, args=(target, "counter", per_process, barrier))
-                for _ in range(processes)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.join(120)
-    assert [c.exitcode for c in children] == [0] * processes
-    with open_store(redis_store_url) as check:
-        assert count_of(check, "counter") == expected
-        assert sum(count_of(check, f"spread-{i}") for i in range(8)) == processes * per_process
-    if parent is not None:
-        assert count_of(parent, "counter") == expected
-        parent.close()
 
 
 def test_a_process_holding_a_key_excludes_others(redis_store_url, raw):

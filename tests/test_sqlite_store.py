@@ -1,5 +1,4 @@
 """SQLiteStore on real database files: records, conditional writes, threads, processes, files."""
-import json
 import multiprocessing
 import os
 import sqlite3
@@ -17,37 +16,7 @@ HOSTILE_KEYS = ["../x", "/", "\\", "..", ".", "ключ 🔑", "k" * 300, "lock:
                 "*", "%", "_", "' OR 1=1 --", "", " ", "CON", "x.lock"]
 
 
-def record(key, count):
-    return json.dumps({"version": 0, "written": time.time(), "key": key,
-                       "data": {"count": count}}).encode()
-
-
-def increment(store, key, timeout=30.0):
-    """One update the way the manager does it: lock, load, change, conditional save, unlock."""
-    token = store.acquire(key, timeout)
-    try:
-        raw = store.load(key)
-        count = 0 if raw is None else json.loads(raw)["data"]["count"]
-        store.save(key, record(key, count + 1), previous=raw)
-    finally:
-        store.release(key, token)
-
-
-def count_of(store, key):
-    raw = store.load(key)
-    return None if raw is None else json.loads(raw)["data"]["count"]
-
-
 # -- child-process bodies (module level: spawn pickles them by name) ---------------------
-
-def _increments_in_child(path_or_store, key, times, barrier):
-    store = SQLiteStore(path_or_store) if isinstance(path_or_store, str) else path_or_store
-    barrier.wait(60)
-    for i in range(times):
-        increment(store, key)
-        increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
-    store.close()
-
 
 def _hold_in_child(path, key, ready, done):
     store = SQLiteStore(path)
@@ -166,57 +135,6 @@ def test_lock_of_lock_x_is_not_the_lock_of_x(store):
     finally:
         store.release("x", token)
     assert taken == [True]
-
-
-def test_sixteen_threads_lose_no_increment(store):
-    threads, per_thread = 16, 40
-    barrier = threading.Barrier(threads)
-    errors = []
-
-    def work():
-        try:
-            barrier.wait(10)
-            for _ in range(per_thread):
-                increment(store, "counter")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-    assert errors == []
-    assert count_of(store, "counter") == threads * per_thread
-
-
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_four_processes_lose_no_increment(tmp_path, method):
-    if method not in multiprocessing.get_all_start_methods():
-        pytest.skip(f"no {method} here")
-    ctx = multiprocessing.get_context(method)
-    path = str(tmp_path / "shared.sqlite")
-    processes, per_process = 4, 50
-    barrier = ctx.Barrier(processes)
-    if method == "fork":  # children reuse the parent's store object: they must open their own connections
-        target = SQLiteStore(path)
-        increment(target, "counter")
-        expected = processes * per_process + 1
-    else:  # children create the database concurrently
-        target, expected = path, processes * per_process
-    children = [ctx.Process(target=_increments_in_child, args=(target, "counter", per_process, barrier))
-                for _ in range(processes)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.join(120)
-    assert [c.exitcode for c in children] == [0] * processes
-    with SQLiteStore(path) as check:
-        assert count_of(check, "counter") == expected
-        assert sum(count_of(check, f"spread-{i}") for i in range(8)) == processes * per_process
-        if method == "fork":
-            assert count_of(target, "counter") == expected  # the parent's connection still works
-            target.close()
 
 
 def test_a_process_holding_a_key_excludes_others_but_not_other_keys(path):

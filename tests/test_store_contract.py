@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from support import hold_key, increment_in_process
+from support import count_of, hold_key, increment, increment_in_process, increments_in_child
 
 from telesession import Sessions, session
 from telesession.errors import CorruptSessionError, LockTimeout, SerializationError
@@ -51,6 +51,58 @@ def test_processes_on_one_key_lose_nothing(shared_store_url):
     assert done == [per_proc] * procs
     with sessions_for(shared_store_url).open("hot") as s:
         assert s["count"] == procs * per_proc
+
+
+def test_store_level_threads_lose_nothing(store_url):
+    """Below the manager: acquire, load, conditional save, release, by hand."""
+    store = from_url(store_url)
+    threads_n, per_thread = 16, 25
+    barrier = threading.Barrier(threads_n)
+    errors = []
+
+    def work():
+        try:
+            barrier.wait(10)
+            for _ in range(per_thread):
+                increment(store, "counter")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == []
+    assert count_of(store, "counter") == threads_n * per_thread
+    store.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_store_level_processes_lose_nothing(shared_store_url, method):
+    """4 processes; forked ones reuse the parent's store object (its connections must not be shared)."""
+    ctx = multiprocessing.get_context(method)
+    processes, per_process = 4, 25
+    barrier = ctx.Barrier(processes)
+    expected, parent, target = processes * per_process, None, shared_store_url
+    if method == "fork":
+        parent = target = from_url(shared_store_url)
+        increment(parent, "counter")
+        expected += 1
+    children = [ctx.Process(target=increments_in_child, args=(target, "counter", per_process, barrier))
+                for _ in range(processes)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(120)
+    assert [c.exitcode for c in children] == [0] * processes
+    check = from_url(shared_store_url)
+    assert count_of(check, "counter") == expected
+    assert sum(count_of(check, f"spread-{i}") for i in range(8)) == processes * per_process
+    check.close()
+    if parent is not None:
+        assert count_of(parent, "counter") == expected  # the parent's own connections still work
+        parent.close()
 
 
 def test_processes_and_threads_together(shared_store_url):

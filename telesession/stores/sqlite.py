@@ -120,7 +120,22 @@ class SQLiteStore(Store):
             os.close(fd)
 
     def _initialize(self) -> None:
-        """Switch the database to WAL and create the table, or say clearly why not."""
+        """Switch the database to WAL and create the table, one process at a time.
+
+        Processes starting together on a new file would otherwise race for the exclusive
+        lock that switching to WAL needs, and SQLite answers that race "database is
+        locked" at once, without waiting.
+        """
+        lock_file = self._process_lock_file(None)
+        if not lock_file.acquire(None, self.timeout):
+            raise StoreError(f"cannot open the SQLite database {self.path}: another process kept "
+                             f"{self.lock_path} locked for {self.timeout:g} s", None, self.path)
+        try:
+            self._create_schema()
+        finally:
+            lock_file.release(None)
+
+    def _create_schema(self) -> None:
         conn = self._conn(None)
         where = self.path
         try:
@@ -183,7 +198,8 @@ class SQLiteStore(Store):
                 f"untouched: move it away or point SQLiteStore at another path", key, where)
         hint = ""
         if "locked" in text or "busy" in text:
-            hint = f" after waiting {self.timeout:g} s for another writer (SQLiteStore timeout=)"
+            hint = (f" (a writer waits at most {self.timeout:g} s for another: raise SQLiteStore(timeout=...)"
+                    f" if that is too short)")
         return StoreError(f"SQLite failed while {doing} {where}: {type(exc).__name__}: {text}{hint}",
                           key, where)
 
