@@ -156,6 +156,14 @@ class _Frame:
         self.origin = origin  # the middleware that opened it, or None
         self.owner = owner  # False when it re-entered a session an outer scope holds
 
+    def close(self, success: bool) -> None:
+        """Leave the scope: save (if it owns the session and may), unlock, unbind."""
+        try:
+            if self.owner:
+                self.handle.close(success)
+        finally:
+            context.remove(self)
+
 
 class _Scope:
     """The one code path: lock, load, bind, run the body, save if changed, unbind, unlock."""
@@ -194,12 +202,7 @@ class _Scope:
         return handle
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        frame = cast(_Frame, self.frame)
-        try:
-            if self.owner:
-                frame.handle.close(exc_type is None)
-        finally:
-            context.remove(frame)
+        cast(_Frame, self.frame).close(exc_type is None)
 
 
 def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: Any, kwargs: Any) -> Any:

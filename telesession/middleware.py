@@ -75,12 +75,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
     def post_process(self, message: Any, data: dict, exception: Optional[BaseException]) -> None:
         for frame in reversed(context.active_frames()):
             if frame.origin is self:
-                scope = _Scope(self.sessions, frame.handle.key, origin=self)
-                scope.frame, scope.owner = frame, frame.owner
-                if exception is None:
-                    scope.__exit__(None, None, None)
-                else:
-                    scope.__exit__(type(exception), exception, exception.__traceback__)
+                frame.close(exception is None)
                 return
 
 
