@@ -359,3 +359,50 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
     assert len(errors) == 10 and all(isinstance(e, StoreError) and "'13'" in str(e) for e in errors)
     with sessions.open("12") as a, sessions.open("14") as b:
         assert a["count"] == 10 and b["count"] == 10
+
+
+def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_path):
+    store = from_url(f"json:{tmp_path / 's'}")
+    with open(store.path("5"), "wb") as f:
+        f.write(b"not json")  # reading it would raise CorruptSessionError
+    sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2)
+    sessions.setup(bot)
+    bot.exception_handler = CountingHandler()
+    ran = []
+
+    @bot.message_handler(commands=["ping"])
+    def ping(message):  # never touches the session: no lock, no read
+        ran.append("ping")
+
+    @bot.message_handler(commands=["count"])
+    def count(message):
+        session["count"] += 1
+        ran.append("count")
+
+    holder = Sessions(from_url(f"json:{tmp_path / 's'}"))
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with holder.open("6"):
+            entered.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(10)
+        bot.process_new_updates([message_update("/ping", chat_id=5), message_update("/ping", chat_id=6)])
+        drain(bot)
+        assert ran == ["ping", "ping"] and bot.exception_handler.errors == []
+        bot.process_new_updates([message_update("/count", chat_id=6)])
+        drain(bot)
+        assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout"]
+    finally:
+        leave.set()
+        thread.join()
+    bot.process_new_updates([message_update("/count", chat_id=6), message_update("/count", chat_id=5)])
+    drain(bot)
+    assert ran.count("count") == 1  # chat 6 counted; chat 5's corrupt record refused
+    assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout", "CorruptSessionError"]
+    with sessions.open("6") as s:
+        assert s["count"] == 1
