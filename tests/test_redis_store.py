@@ -377,6 +377,14 @@ def test_importing_telesession_stores_does_not_import_redis():
 def test_bad_options(redis_url):
     with pytest.raises(ValueError, match="lease"):
         open_store(redis_url, lease=0)
+    with pytest.raises(ValueError, match="lease"):
+        open_store(redis_url + "?lease=soon")
+
+
+def test_prefix_and_lease_in_the_url(redis_url):
+    with from_url(redis_url + "?prefix=p1:&lease=2.5&health_check_interval=10") as store:
+        assert store.prefix == "p1:" and store.lease == 2.5
+        assert store.client.connection_pool.connection_kwargs["health_check_interval"] == 10
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=1)

@@ -158,14 +158,21 @@ class RedisStore(Store):
     def __init__(self, url_or_client: Union[str, "redis.Redis"], prefix: str = "telesession:", *,
                  lease: float = 30.0, socket_timeout: float = 5.0, socket_connect_timeout: float = 5.0,
                  **options: Any) -> None:
+        ours: Dict[str, str] = {}
+        if isinstance(url_or_client, str):  # ?prefix=...&lease=... are ours, not redis-py's
+            url_or_client, ours = self._split_url(url_or_client)
+            prefix = ours.get("prefix", prefix)
+            if "lease" in ours:
+                try:
+                    lease = float(ours["lease"])
+                except ValueError:
+                    raise ValueError(f"lease={ours['lease']!r} in the Redis URL: not a number") from None
         if not lease > 0:
             raise ValueError(f"lease={lease!r}: must be a positive number of seconds")
         self.lease = float(lease)
         self._lease_ms = max(1, int(math.ceil(self.lease * 1000)))
         if isinstance(url_or_client, str):
-            url, query_prefix = self._split_url(url_or_client)
-            if query_prefix is not None:
-                prefix = query_prefix
+            url = url_or_client
             options.setdefault("retry", Retry(ExponentialWithJitterBackoff(cap=0.25, base=0.02), 2))
             try:
                 self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout,
@@ -195,20 +202,20 @@ class RedisStore(Store):
     # -- configuration ------------------------------------------------------------------
 
     @staticmethod
-    def _split_url(url: str) -> Tuple[str, Optional[str]]:
-        """The URL without a ``prefix`` query parameter, and that prefix."""
+    def _split_url(url: str) -> Tuple[str, Dict[str, str]]:
+        """The URL without our query parameters (``prefix``, ``lease``), and those."""
         head, _, rest = url.partition("?")
         query, hash_, fragment = rest.partition("#")
-        prefix = None
+        ours: Dict[str, str] = {}
         kept = []
         for name, value in parse_qsl(query, keep_blank_values=True):
-            if name == "prefix":
-                prefix = value
+            if name in ("prefix", "lease"):
+                ours[name] = value
             else:
                 kept.append((name, value))
-        if prefix is None:
-            return url, None
-        return head + ("?" + urlencode(kept, quote_via=quote) if kept else "") + hash_ + fragment, prefix
+        if not ours:
+            return url, ours
+        return head + ("?" + urlencode(kept, quote_via=quote) if kept else "") + hash_ + fragment, ours
 
     def _address(self) -> Tuple[str, Tuple[Any, ...]]:
         """A credential-free address for messages, and the identity of the server and db."""

@@ -7,14 +7,15 @@ from .base import Store
 
 __all__ = ["from_url", "scrub", "SCHEMES"]
 
-SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P, rediss://..."
+SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P&lease=S, rediss://..."
 
 
 def from_url(url: str, **options: Any) -> Store:
     """Open the store that ``url`` names; ``options`` go to the store's constructor.
 
     ``memory://``, ``json:PATH``, ``shelve:PATH``, ``sqlite:PATH`` (``sqlite:///abs/path``
-    works too), ``redis://[:password@]host:port/db?prefix=...`` and ``rediss://`` for TLS.
+    works too), ``redis://[:password@]host:port/db?prefix=...&lease=SECONDS`` and
+    ``rediss://`` for TLS.
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
