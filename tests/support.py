@@ -1,8 +1,9 @@
 """Helpers shared by the tests: waiting for telebot's worker pool, child processes on a store."""
+import contextlib
 import json
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from telesession import Sessions, session
 from telesession.stores import from_url
@@ -20,6 +21,26 @@ def drain(bot: Any, timeout: float = 60.0) -> None:
     for _ in range(workers):
         bot.worker_pool.put(barrier.wait)
     barrier.wait()
+
+
+@contextlib.contextmanager
+def held_in_another_thread(sessions: Sessions, key: str) -> Iterator[None]:
+    """While the block runs, another thread of this process holds ``key``'s session."""
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sessions.open(key):
+            entered.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(10), f"the holder thread never got {key!r}"
+        yield
+    finally:
+        leave.set()
+        thread.join()
 
 
 def increment_in_process(url: str, key: str, times: int, lock_timeout: float = 60.0) -> int:

@@ -3,10 +3,10 @@ import dataclasses
 import json
 import os
 import pickle
-import threading
 import time
 
 import pytest
+from support import held_in_another_thread
 
 import telesession
 from telesession import Sessions, errors, session
@@ -131,17 +131,7 @@ def test_same_key_in_the_same_thread_reenters_the_same_object():
 def test_two_managers_over_one_store_exclude_each_other(json_store):
     first = Sessions(json_store, initial=counter)
     second = Sessions(JSONFileStore(json_store.directory), initial=counter, lock_timeout=0.2)
-    entered, leave = threading.Event(), threading.Event()
-
-    def hold():
-        with first.open("k"):
-            entered.set()
-            leave.wait(10)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert entered.wait(10)
+    with held_in_another_thread(first, "k"):
         with pytest.raises(LockTimeout) as info:
             with second.open("k"):
                 pass
@@ -149,9 +139,6 @@ def test_two_managers_over_one_store_exclude_each_other(json_store):
         assert info.value.key == "k" and isinstance(info.value, TimeoutError)
         with second.open("other"):  # other keys are free
             pass
-    finally:
-        leave.set()
-        thread.join()
     with second.open("k"):
         pass
 
@@ -368,17 +355,7 @@ def test_lazy_session_untouched_takes_no_lock_and_reads_nothing(json_store):
         f.write(b"garbage")  # any read would raise CorruptSessionError
     holder = Sessions(JSONFileStore(json_store.directory))
     lazy = Sessions(json_store, lazy=True, lock_timeout=0.1)
-    entered, leave = threading.Event(), threading.Event()
-
-    def hold():
-        with holder.open("2"):
-            entered.set()
-            leave.wait(10)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert entered.wait(10)
+    with held_in_another_thread(holder, "2"):
         with lazy.open("1"):
             pass  # no read, so no CorruptSessionError
         with lazy.open("2"):
@@ -389,9 +366,6 @@ def test_lazy_session_untouched_takes_no_lock_and_reads_nothing(json_store):
         with pytest.raises(CorruptSessionError):
             with lazy.open("1") as s:
                 s.get("x")
-    finally:
-        leave.set()
-        thread.join()
     with lazy.open("2") as s:
         s["x"] = 1
     assert read_record(json_store, "2")["data"] == {"x": 1}

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import telebot
-from support import drain
+from support import drain, held_in_another_thread
 from telebot.handler_backends import BaseMiddleware, CancelUpdate
 
 from telesession import Sessions, SessionMiddleware, keys, session
@@ -380,26 +380,13 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
         ran.append("count")
 
     holder = Sessions(from_url(f"json:{tmp_path / 's'}"))
-    entered, leave = threading.Event(), threading.Event()
-
-    def hold():
-        with holder.open("6"):
-            entered.set()
-            leave.wait(30)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert entered.wait(10)
+    with held_in_another_thread(holder, "6"):
         bot.process_new_updates([message_update("/ping", chat_id=5), message_update("/ping", chat_id=6)])
         drain(bot)
         assert ran == ["ping", "ping"] and bot.exception_handler.errors == []
         bot.process_new_updates([message_update("/count", chat_id=6)])
         drain(bot)
         assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout"]
-    finally:
-        leave.set()
-        thread.join()
     bot.process_new_updates([message_update("/count", chat_id=6), message_update("/count", chat_id=5)])
     drain(bot)
     assert ran.count("count") == 1  # chat 6 counted; chat 5's corrupt record refused
