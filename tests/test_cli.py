@@ -21,18 +21,7 @@ from telesession.stores import from_url
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sqlite_works() -> bool:
-    try:
-        from telesession.stores.sqlite import SQLiteStore  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-#: SQLite joins every parametrized test as soon as ``telesession.stores.sqlite`` imports.
-SQLITE = pytest.param("sqlite", marks=pytest.mark.skipif(not _sqlite_works(),
-                                                         reason="SQLiteStore is not importable yet"))
-FILE_KINDS = ["json", "shelve", SQLITE]
+FILE_KINDS = ["json", "shelve", "sqlite"]
 
 
 def url_for(kind: str, tmp_path, name: str = "store") -> str:
@@ -235,7 +224,7 @@ def test_export_import_round_trip(tmp_path):
     assert "imported 0 sessions (4 unchanged)" in ok(run("import", dst, "-", stdin=exported))
 
 
-@pytest.mark.parametrize("kind", ["shelve", SQLITE])
+@pytest.mark.parametrize("kind", ["shelve", "sqlite"])
 def test_import_conflicts(kind, tmp_path):
     url = url_for(kind, tmp_path)
     fill(url, {"a": {"x": 1}, "b": {"x": 2}})
@@ -278,7 +267,7 @@ def test_import_validates_every_line_first(tmp_path):
 # -- migrate ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["shelve", SQLITE])
+@pytest.mark.parametrize("kind", ["shelve", "sqlite"])
 def test_migrate_copies_verifies_and_refuses_to_overwrite(kind, tmp_path):
     src = url_for("json", tmp_path, "src")
     fill(src, SAMPLE)
@@ -353,7 +342,6 @@ def test_purge_expired_needs_a_ttl_unless_the_store_expires_itself(tmp_path):
     assert result.returncode == 2 and "--ttl is required" in result.stderr
 
 
-@pytest.mark.skipif(not _sqlite_works(), reason="SQLiteStore is not importable yet")
 def test_purge_expired_uses_the_native_expiry_of_sqlite(tmp_path):
     url = url_for("sqlite", tmp_path)
     put(url, "short", '{"x":1}', ttl=0.01)
@@ -425,8 +413,7 @@ def test_usage_errors_exit_2():
 
 def test_console_script(tmp_path):
     script = shutil.which("telesession")
-    if script is None:
-        pytest.skip("the telesession console script is not on PATH (pip install -e .)")
+    assert script is not None, "the telesession console script is not on PATH: pip install -e ."
     url = url_for("json", tmp_path)
     fill(url, {"42": {"x": 1}})
     assert ok(run("ls", url, command=[script])).split()[0] == "42"
