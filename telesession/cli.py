@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -31,10 +30,12 @@ from datetime import datetime, timezone
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
+from .atomic import atomic_file
 from .errors import ConflictError, CorruptSessionError, LockTimeout, SerializationError, SessionError
 from .records import build_record, encode_data, parse_record
 from .stores.base import Store
 from .stores.url import SCHEMES, from_url
+from .stores.url import scrub as scrub_url
 
 __all__ = ["main", "build_parser", "scrub_url", "Progress"]
 
@@ -61,21 +62,6 @@ class UsageError(Exception):
 
 
 # -- URLs and stores ---------------------------------------------------------------------------
-
-
-def scrub_url(url: str) -> str:
-    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
-    head, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    end = min([i for i in (rest.find(c) for c in "/?#") if i != -1] or [len(rest)])
-    userinfo, at, hostport = rest[:end].rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    if not colon:
-        return url
-    return f"{head}{sep}{user}:***@{hostport}{rest[end:]}"
 
 
 def _remember_secrets(url: str) -> None:
@@ -347,29 +333,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _atomic_file(path: str) -> Iterator[IO[bytes]]:
-    """A file written in full or not at all: a temporary file (mode 0600) replaces ``path`` at the end."""
-    target = os.path.abspath(path)
-    try:
-        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
-                                    dir=os.path.dirname(target))
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, target) from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     """Every session as JSON lines: ``{"key", "version", "written", "data"}``."""
     to_file = args.output not in (None, "-")
@@ -377,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         keys = _sorted_keys(store)
         count = 0
         try:
-            with (_atomic_file(args.output) if to_file else _stdout_bytes()) as out, \
+            with (atomic_file(args.output) if to_file else _stdout_bytes()) as out, \
                     Progress("export", len(keys)) as bar:
                 for key in keys:
                     found = _read(store, key)

@@ -19,13 +19,12 @@ loaded and the lock token is still ours; otherwise ``ConflictError``, nothing wr
 import logging
 import math
 import os
-import re
 import secrets
 import threading
 import time
 import weakref
 from typing import Any, Dict, Hashable, Iterator, Optional, Tuple, Union
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -33,6 +32,7 @@ from redis.retry import Retry
 
 from ..errors import ConflictError, StoreError
 from .base import Store
+from .url import scrub
 
 __all__ = ["RedisStore"]
 
@@ -179,7 +179,7 @@ class RedisStore(Store):
                                                    socket_connect_timeout=socket_connect_timeout,
                                                    **options)
             except ValueError as exc:
-                raise ValueError(f"bad Redis URL {_scrub_url(url)!r}: {exc}") from None
+                raise ValueError(f"bad Redis URL {scrub(url)!r}: {exc}") from None
             self._owns_client = True
         else:
             if options:
@@ -467,13 +467,3 @@ def _renew_loop(ref: "weakref.ReferenceType[RedisStore]") -> None:
         del store
 
 
-def _scrub_url(url: str) -> str:
-    """``url`` without its password (in the authority or a ``password=`` parameter)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rsplit("@", 1)[1]
-            url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "<unparsable URL>"
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)

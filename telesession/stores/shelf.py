@@ -31,6 +31,7 @@ import shelve
 import threading
 from typing import Any, Iterator, Optional
 
+from ..atomic import atomic_file
 from ..errors import CorruptSessionError, StoreError
 from .base import Store
 
@@ -66,25 +67,13 @@ if _DUMB_HOOKS:
         def _commit(self) -> None:
             if self._index is None or not self._modified:  # type: ignore[has-type]
                 return
-            temp = os.fsdecode(self._dirfile) + ".tmp"
             try:
                 if self.fsync:  # values first, then the index that points at them
                     with open(self._datfile, "rb+") as data:
                         os.fsync(data.fileno())
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="Latin-1") as f:
+                with atomic_file(os.fsdecode(self._dirfile), fsync=self.fsync) as f:
                     for key, pos_and_siz in self._index.items():
-                        f.write("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz))
-                    f.flush()
-                    if self.fsync:
-                        os.fsync(f.fileno())
-                os.replace(temp, self._dirfile)
-            except BaseException:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-                raise
+                        f.write(("%r, %r\n" % (key.decode("Latin-1"), pos_and_siz)).encode("Latin-1"))
             finally:
                 # Committed or not, never write this index again (e.g. from __del__, outside our locks).
                 self._modified = False

@@ -1,7 +1,7 @@
 """``from_url``: a store from one string, for configuration files and the CLI."""
 import re
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .base import Store
 
@@ -48,5 +48,12 @@ def from_url(url: str, **options: Any) -> Store:
 
 
 def scrub(url: str) -> str:
-    """``url`` without the password (``redis://user:secret@host`` → ``redis://user:***@host``)."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """``url`` without its password, in the authority (``user:***@host``) or a ``password=`` parameter."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.netloc.rsplit("@", 1)[1]
+            url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
