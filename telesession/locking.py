@@ -24,76 +24,83 @@ except ImportError:  # pragma: no cover - Windows
 
 ACQUIRED, REENTERED = 1, 2
 
+_get_ident = threading.get_ident
+
 
 class _Entry:
-    __slots__ = ("lock", "owner", "depth", "waiters")
+    """A held key: created already locked by its owner, unregistered before it is unlocked."""
 
-    def __init__(self) -> None:
+    __slots__ = ("lock", "owner", "depth")
+
+    def __init__(self, owner: int) -> None:
         self.lock = threading.Lock()
-        self.owner: Optional[int] = None
-        self.depth = 0
-        self.waiters = 0
+        self.lock.acquire()
+        self.owner: Optional[int] = owner
+        self.depth = 1
 
 
 class KeyLocks:
-    """Re-entrant per-key exclusion among the threads of one process."""
+    """Re-entrant per-key exclusion among the threads of one process.
+
+    No mutex guards the registry: an uncontended key costs one ``dict.setdefault``
+    to take and one ``del`` to give back (both atomic), so pool threads working on
+    different chats never block each other -- under the GIL a blocked thread costs
+    a thread switch, and on 2 cores that dominated the whole session layer.  The
+    holder unregisters its entry before unlocking it; a waiter that wakes up
+    therefore always finds the key free or taken by a newer entry, and tries again.
+    """
 
     def __init__(self) -> None:
-        self._mutex = threading.Lock()
         self._entries: Dict[str, _Entry] = {}
 
     def acquire(self, key: str, timeout: float) -> int:
         """Take ``key`` for this thread: ``ACQUIRED``, ``REENTERED`` (this thread held it already),
         or ``0`` if another thread kept it past ``timeout`` seconds."""
-        me = threading.get_ident()
-        with self._mutex:
-            entry = self._entries.get(key)
-            if entry is None:  # uncontended: take it right here
-                entry = self._entries[key] = _Entry()
-                entry.lock.acquire()
-                entry.owner, entry.depth = me, 1
-                return ACQUIRED
-            if entry.owner == me:
-                entry.depth += 1
-                return REENTERED
-            entry.waiters += 1
-        got = entry.lock.acquire(timeout=max(timeout, 0.0))
-        with self._mutex:
-            entry.waiters -= 1
-            if got:
-                entry.owner = me
-                entry.depth = 1
-            elif entry.waiters == 0 and entry.owner is None:
-                del self._entries[key]
-        return ACQUIRED if got else 0
+        me = _get_ident()
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is not None and entry.owner == me:
+            entry.depth += 1
+            return REENTERED
+        deadline = None
+        while True:
+            if entry is None:
+                mine = _Entry(me)
+                entry = entries.setdefault(key, mine)
+                if entry is mine:
+                    return ACQUIRED
+            if deadline is None:
+                deadline = time.monotonic() + max(timeout, 0.0)
+            remaining = max(deadline - time.monotonic(), 0.0)
+            if not entry.lock.acquire(timeout=remaining):
+                return 0
+            entry.lock.release()  # let the other waiters of this (now unregistered) entry go too
+            entry = entries.get(key)
 
     def release(self, key: str) -> None:
-        """Give ``key`` back; the entry disappears when nobody holds or awaits it."""
-        with self._mutex:
-            entry = self._entries[key]
-            if entry.owner != threading.get_ident():
-                raise RuntimeError(f"key {key!r} is not held by this thread")
-            entry.depth -= 1
-            if entry.depth:
-                return
-            entry.owner = None
-            if entry.waiters == 0:
-                del self._entries[key]
-            entry.lock.release()
+        """Give ``key`` back; its entry disappears, so the registry holds only held keys."""
+        entry = self._entries.get(key)
+        if entry is None or entry.owner != _get_ident():
+            raise RuntimeError(f"key {key!r} is not held by this thread")
+        entry.depth -= 1
+        if entry.depth:
+            return
+        entry.owner = None
+        del self._entries[key]
+        entry.lock.release()
 
     def holds(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""
         entry = self._entries.get(key)
-        return entry is not None and entry.owner == threading.get_ident()
+        return entry is not None and entry.owner == _get_ident()
 
     def __len__(self) -> int:
-        """Keys held or awaited right now (0 when idle: the registry does not grow)."""
+        """Keys held right now (0 when idle: the registry does not grow)."""
         return len(self._entries)
 
     def held(self) -> List[str]:
         """The keys held right now, by any thread."""
-        with self._mutex:
-            return [k for k, e in self._entries.items() if e.owner is not None]
+        return [k for k, e in list(self._entries.items()) if e.owner is not None]
 
 
 def _offset(key: str) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Uni
 from . import context, keys
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import build_record, check_round_trip, data_text, encode_data, from_plain, parse_record, to_plain
+from .records import build_record, check_round_trip, encode_data, from_plain, read_record, to_plain
 from .stores.base import Store
 
 __all__ = ["Sessions", "configure", "default_sessions", "with_session"]
@@ -82,9 +82,9 @@ class _Handle:
         try:
             raw = store.load(key)
             self.raw = raw
-            data = None
+            data = data_json = None
             if raw is not None:
-                data, version, written = parse_record(raw, key, self.where)
+                data, version, written, data_json = read_record(raw, key, self.where)
                 if m.ttl is not None and written is not None and time.time() - written > m.ttl:
                     logger.debug("session %r expired (written %.0f s ago)", key, time.time() - written)
                     raw = None
@@ -92,9 +92,9 @@ class _Handle:
                 self.data = m.initial()
                 self.baseline = encode_data(to_plain(self.data), key, self.where)
             elif version == m.version:
-                self.data = from_plain(m.dataclass, data, key, self.where)
+                self.data = data if m.dataclass is None else from_plain(m.dataclass, data, key, self.where)
                 # Our own records carry the data's JSON verbatim: no need to encode it again.
-                self.baseline = data_text(raw) or encode_data(to_plain(self.data), key, self.where)
+                self.baseline = data_json or encode_data(to_plain(self.data), key, self.where)
             else:  # a migrated record is written back even if the handler changes nothing
                 data = m._migrate(data, version, key, self.where)
                 self.data = from_plain(m.dataclass, data, key, self.where)
@@ -317,6 +317,8 @@ class Sessions(Generic[T]):
         key = self.key(update)
         if key is None:
             return key
+        if type(key) is str:
+            return key if key.isascii() else _checked(key)
         if isinstance(key, str):
             return _checked(str(key))
         raise TypeError(f"the key function {getattr(self.key, '__name__', self.key)!r} returned "

@@ -42,7 +42,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         self._ticket_attr = f"_telesession_ticket_{id(self):x}"
 
     def pre_process(self, message: Any, data: dict) -> None:
-        _release_leftovers(self)  # a previous update whose post_process never ran
+        if context.active_frames():
+            _release_leftovers(self)  # a previous update whose post_process never ran
         key = self.sessions.key_of(message)
         if self.sequencer is not None:
             ticket = getattr(message, self._ticket_attr, None)
@@ -119,7 +120,8 @@ def install(sessions: Sessions[Any], bot: Any, *, ordered: bool = False) -> Sess
                 return run(message, *args, **kwargs)
             finally:
                 try:
-                    _release_leftovers()
+                    if context.active_frames():
+                        _release_leftovers()
                 finally:
                     for mw in ours:
                         mw.finish_ticket(message)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import CorruptSessionError, SerializationError
 
-__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "data_text", "to_plain", "from_plain"]
+__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "read_record", "to_plain", "from_plain"]
 
 def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -128,13 +128,33 @@ def build_record(key: str, data_json: str, version: int, written: float) -> byte
             % (version, written, _encode(key), data_json)).encode("utf-8", "surrogatepass")
 
 
-def data_text(raw: bytes) -> Optional[str]:
-    """The ``data`` JSON of a record made by ``build_record`` (``None`` for other shapes), without re-encoding."""
-    if raw.startswith(b'{"version":') and raw.endswith(b"}"):
-        at = raw.find(b',"data":')  # the key before it is a JSON string: its quotes are escaped
-        if at > 0:
-            return raw[at + 8:-1].decode("utf-8", "surrogatepass")
-    return None
+def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[str]]:
+    """``parse_record`` plus the data's JSON text (``None`` if the record is not in our own shape).
+
+    A record exactly as ``build_record`` makes it for ``key`` is cut at its fixed
+    field boundaries and only its data is decoded: the data text doubles as the
+    baseline for change detection, so an unchanged session is never re-encoded to
+    compare.  Anything else goes through the full, strict ``parse_record``.
+    """
+    try:
+        text = raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        text = ""
+    if text.startswith('{"version":') and text.endswith("}"):
+        w = text.find(',"written":', 11)
+        k = text.find(',"key":', w + 11)
+        d = text.find(',"data":', k + 7)  # the key before it is a JSON string: its quotes are escaped
+        if 11 < w < k < d:
+            version, written = text[11:w], text[w + 11:k]
+            if (version.isascii() and version.isdigit() and written.isascii()
+                    and written.replace(".", "", 1).isdigit() and text[k + 7:d] == _encode(key)):
+                data_json = text[d + 8:-1]
+                try:
+                    return _decode(data_json), int(version), float(written), data_json
+                except (ValueError, RecursionError):
+                    pass  # the full parse below explains what is wrong
+    data, version_number, written_at = parse_record(raw, key, where)
+    return data, version_number, written_at, None
 
 
 def parse_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float]]:

@@ -83,7 +83,9 @@ class Store(abc.ABC):
 
         Returns a token to pass to ``release``.
         """
-        locks = self._locks if self._locks_pid == current_pid() and self._locks is not None else self._thread_locks()
+        locks = self._locks
+        if locks is None or self._locks_pid != current_pid():
+            locks = self._thread_locks()
         start = time.monotonic()
         got = locks.acquire(key, timeout)
         if got == REENTERED:
@@ -101,15 +103,19 @@ class Store(abc.ABC):
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""
-        locks = self._locks if self._locks_pid == current_pid() and self._locks is not None else self._thread_locks()
+        locks = self._locks
+        if locks is None or self._locks_pid != current_pid():
+            locks = self._thread_locks()
+        if token is None or token is True:  # re-entered, or no external lock
+            locks.release(key)
+            return
         try:
-            if token is not None:
-                self._unlock_external(key, token)
+            self._unlock_external(key, token)
         finally:
             locks.release(key)
 
     def _lock_external(self, key: str, timeout: float) -> Any:
-        """Exclude other processes/machines from ``key``; return a non-``None`` token.
+        """Exclude other processes/machines from ``key``; return a token (``True``: nothing to undo).
 
         The default locks ``key``'s byte of ``lock_path`` (nothing to do without one).
         """

@@ -1,0 +1,98 @@
+"""``KeyLocks``: one owner per key among threads, without a registry-wide mutex."""
+import threading
+import time
+from collections import Counter
+
+from telesession.locking import ACQUIRED, REENTERED, KeyLocks
+
+
+def test_one_owner_per_key_under_heavy_contention():
+    locks = KeyLocks()
+    inside: Counter = Counter()
+    totals: Counter = Counter()
+    overlaps = []
+    errors = []
+    start = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(3000):
+                key = f"k{(i + n) % 3}"  # 8 threads on 3 keys: almost every acquire contends
+                assert locks.acquire(key, 30.0) == ACQUIRED
+                try:
+                    inside[key] += 1
+                    if inside[key] != 1:
+                        overlaps.append(key)
+                    value = totals[key]
+                    time.sleep(0) if i % 7 == 0 else None  # hand the GIL over inside the section
+                    totals[key] = value + 1
+                    inside[key] -= 1
+                finally:
+                    locks.release(key)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and overlaps == []
+    assert sum(totals.values()) == 8 * 3000  # no lost update: the sections never overlapped
+    assert len(locks) == 0 and locks.held() == []
+
+
+def test_timeout_reentry_and_release_by_owner_only():
+    locks = KeyLocks()
+    assert locks.acquire("a", 1.0) == ACQUIRED
+    assert locks.acquire("a", 1.0) == REENTERED
+    assert locks.holds("a")
+    results = []
+
+    def other() -> None:
+        results.append(locks.holds("a"))
+        t0 = time.monotonic()
+        results.append(locks.acquire("a", 0.2))
+        results.append(time.monotonic() - t0)
+        try:
+            locks.release("a")
+        except RuntimeError as exc:
+            results.append(str(exc))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    held, got, waited, refused = results
+    assert held is False and got == 0 and waited >= 0.19
+    assert "not held by this thread" in refused
+    assert locks.held() == ["a"]  # a waiter that timed out leaves nothing behind
+    locks.release("a")
+    assert locks.held() == ["a"]  # still held once (re-entered twice)
+    locks.release("a")
+    assert len(locks) == 0
+
+
+def test_waiters_all_get_the_key_in_turn_after_the_holder_lets_go():
+    locks = KeyLocks()
+    assert locks.acquire("hot", 1.0) == ACQUIRED
+    got = []
+    ready = threading.Barrier(6)
+
+    def waiter(n: int) -> None:
+        ready.wait()
+        assert locks.acquire("hot", 10.0) == ACQUIRED
+        got.append(n)
+        time.sleep(0.005)
+        locks.release("hot")
+
+    threads = [threading.Thread(target=waiter, args=(n,)) for n in range(5)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    time.sleep(0.05)  # every waiter is blocked on the holder's entry now
+    assert got == []
+    locks.release("hot")
+    for t in threads:
+        t.join(10)
+    assert sorted(got) == list(range(5)) and len(locks) == 0
