@@ -106,6 +106,31 @@ def test_lock_layout_and_release(store, raw):
     assert raw.exists(store.prefix + "l:k") == 0
 
 
+def _gets(raw) -> int:
+    return int(raw.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_the_lock_script_reads_the_session_so_a_handler_costs_one_round_trip_less(store, raw):
+    store.save("k", b"v1")
+    token = store.acquire("k", 1)
+    try:
+        before = _gets(raw)
+        assert store.load("k") == b"v1"  # served from the lock script's reply
+        assert _gets(raw) == before
+        store.save("k", b"v2", previous=b"v1")
+        before = _gets(raw)
+        assert store.load("k") == b"v2"  # after a write: read again, never the stale copy
+        assert _gets(raw) == before + 1
+    finally:
+        store.release("k", token)
+    token = store.acquire("absent", 1)
+    try:
+        assert store.load("absent") is None
+    finally:
+        store.release("absent", token)
+    assert store.load("k") == b"v2"  # without the lock: a plain read
+
+
 def test_ttl_is_native_expiry(store, raw):
     store.save("short", b"s", ttl=0.2)
     assert 0 < raw.pttl(store.prefix + "s:short") <= 200

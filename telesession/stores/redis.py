@@ -10,7 +10,8 @@ Layout under ``prefix`` (default ``"telesession:"``), keys binary-safe UTF-8:
 The segment after the prefix (``s:`` or ``l:``) says what a Redis key is, so no session
 key, whatever its characters (``"lock:x"``, ``"l:x"``), can name another key's lock.
 
-A lock is taken with ``SET NX PX`` and a random token, given back by a Lua
+A lock is taken with ``SET NX PX`` and a random token by a Lua script that also
+returns the session (the load that follows costs no round trip), given back by a Lua
 compare-and-delete (never another holder's lock), and kept alive by one daemon thread
 per store that extends every held lease each ``lease / 3`` seconds.  Saves and deletes
 are Lua compare-and-set: they write only while the stored record is still the one
@@ -38,15 +39,18 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("telesession")
 
-# KEYS[1] lock; ARGV token, lease ms.  Take a free lock, or confirm one we already own (a
-# retried SET whose first reply was lost must not make us wait for ourselves).
+# KEYS[1] lock, KEYS[2] session; ARGV token, lease ms.  Take a free lock, or confirm one we
+# already own (a retried SET whose first reply was lost must not make us wait for ourselves).
+# 0: held by another; {1}: ours, no session; {1, record}: ours, and the record (saves a
+# round trip: the handler's load comes right after).
 _ACQUIRE = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('get', KEYS[1]) == ARGV[1] then
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
   redis.call('pexpire', KEYS[1], ARGV[2])
-  return 1
 end
-return 0
+local record = redis.call('get', KEYS[2])
+if record then return {1, record} end
+return {1}
 """
 
 # KEYS[1] lock; ARGV token.  Delete the lock only if it is still ours.
@@ -129,14 +133,19 @@ def _b(text: str) -> bytes:
 
 
 class _Lease:
-    """A lock this process holds: its Redis key, its token, and whether renewal found it lost."""
+    """A lock this process holds: its Redis key, its token, and whether renewal found it lost.
 
-    __slots__ = ("lock_key", "token", "lost")
+    ``record`` is the session read together with the lock, served to the first ``load``.
+    """
 
-    def __init__(self, lock_key: bytes, token: bytes) -> None:
+    __slots__ = ("lock_key", "token", "lost", "record", "prefetched")
+
+    def __init__(self, lock_key: bytes, token: bytes, record: Optional[bytes]) -> None:
         self.lock_key = lock_key
         self.token = token
         self.lost = False
+        self.record = record
+        self.prefetched = True
 
 
 class RedisStore(Store):
@@ -283,6 +292,10 @@ class RedisStore(Store):
     # -- the Store protocol -------------------------------------------------------------
 
     def load(self, key: str) -> Optional[bytes]:
+        lease = self._held_lease(key)
+        if lease is not None and lease.prefetched:  # read by the lock script a moment ago
+            lease.prefetched = False
+            return lease.record
         try:
             value = self.client.get(self._session_key(key))
         except redis.RedisError as exc:
@@ -296,6 +309,8 @@ class RedisStore(Store):
         """Write ``record`` if the stored value is still ``previous`` and our lock still holds."""
         lease = self._held_lease(key)
         self._check_lease(lease, key)
+        if lease is not None:
+            lease.prefetched = False
         px = 0 if ttl is None else max(1, int(math.ceil(ttl * 1000)))
         args = [lease.token if lease else b"", b"0" if previous is None else b"1",
                 previous or b"", record, str(px).encode()]
@@ -313,6 +328,8 @@ class RedisStore(Store):
         """
         lease = self._held_lease(key)
         self._check_lease(lease, key)
+        if lease is not None:
+            lease.prefetched = False
         args = [lease.token if lease else b"", b"0" if previous is None else b"1", previous or b""]
         try:
             result = self._delete_script(keys=[self._session_key(key), self._lock_key(key)], args=args)
@@ -368,17 +385,20 @@ class RedisStore(Store):
         delay = 0.002
         while True:
             try:
-                got = self._acquire_script(keys=[lock_key], args=[token, self._lease_ms])
+                got = self._acquire_script(keys=[lock_key, self._session_key(key)], args=[token, self._lease_ms])
             except redis.RedisError as exc:
                 raise self._error(exc, key, "locking") from exc
-            if got == 1:
+            if got:
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timeout(key, timeout)
             time.sleep(min(delay * (0.5 + secrets.randbelow(1000) / 1000), remaining))
             delay = min(delay * 2, 0.05)
-        lease = _Lease(lock_key, token)
+        record = got[1] if len(got) > 1 else None
+        if isinstance(record, str):  # a client made with decode_responses=True
+            record = _b(record)
+        lease = _Lease(lock_key, token, record)
         with self._cond:
             self._leases[key] = lease
             if self._renewer is None or not self._renewer.is_alive():
