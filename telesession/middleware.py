@@ -9,7 +9,7 @@ open when the task ends is released there without saving.
 """
 import logging
 import threading
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Set
 
 from . import context
 from .manager import Sessions, _Scope
@@ -52,19 +52,21 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         scope = _Scope(self.sessions, key, origin=self)
         data[self.sessions.name] = scope.__enter__()
 
-    def issue_ticket(self, update: Any) -> None:
-        """Give the update's content a ticket for its key, before it is queued."""
+    def issue_ticket(self, update: Any) -> Any:
+        """Give the update's content a ticket for its key, before it is queued; the content, if so."""
         assert self.sequencer is not None
         content = next((c for c in (getattr(update, t, None) for t in self.update_types)
                         if c is not None), None)
         if content is None:
-            return
+            return None
         try:
             key = self.sessions.key_of(content)
         except Exception:  # the key function fails again, loudly, in pre_process
-            return
-        if key is not None:
-            setattr(content, self._ticket_attr, self.sequencer.issue(key))
+            return None
+        if key is None:
+            return None
+        setattr(content, self._ticket_attr, self.sequencer.issue(key))
+        return content
 
     def finish_ticket(self, message: Any) -> None:
         """Mark the update's ticket done, whatever happened to it (called when its task ends)."""
@@ -140,19 +142,35 @@ def _sequence_dispatch(bot: Any, ours: List[SessionMiddleware]) -> None:
     makes the worker queue's order the tickets' order, so the earliest waiting
     ticket is always taken by a worker first and no worker waits on an update
     queued behind it.  One dispatcher at a time keeps that true across threads.
+    An update telebot does not queue through the middlewares (a next-step handler
+    takes it) has its ticket finished as soon as it is dispatched.
     """
     dispatch = bot.process_new_updates
     if getattr(dispatch, "_telesession_guard", False):
         return
     mutex = threading.RLock()
+    queued: Set[int] = set()  # ids of contents queued through the middleware chain, per update
+    exec_task = bot._exec_task
+
+    def watch_exec_task(task: Any, *args: Any, **kwargs: Any) -> Any:
+        if args and getattr(task, "_telesession_guard", False):
+            queued.add(id(args[0]))
+        return exec_task(task, *args, **kwargs)
 
     def process_new_updates(updates: List[Any]) -> None:
         with mutex:
             for update in sorted(updates, key=lambda u: getattr(u, "update_id", 0) or 0):
-                for mw in ours:
-                    if mw.sequencer is not None:
-                        mw.issue_ticket(update)
+                ticketed = [(mw, c) for mw in ours if mw.sequencer is not None
+                            for c in (mw.issue_ticket(update),) if c is not None]
+                queued.clear()
                 dispatch([update])
+                # telebot handed it past the middlewares (a next-step handler took it) or
+                # dropped it: its task will never finish the ticket, so later updates of the
+                # key would wait for lock_timeout.  Finish it now.
+                for mw, content in ticketed:
+                    if id(content) not in queued:
+                        mw.finish_ticket(content)
 
     process_new_updates._telesession_guard = True  # type: ignore[attr-defined]
+    bot._exec_task = watch_exec_task
     bot.process_new_updates = process_new_updates

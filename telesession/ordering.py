@@ -11,7 +11,7 @@ manager's ``lock_timeout`` gives up ordering (with a warning) instead of hanging
 import logging
 import threading
 import time
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Set, Tuple
 
 __all__ = ["Sequencer", "Ticket"]
 
@@ -83,7 +83,3 @@ class Sequencer:
         """Keys with tickets not yet done (0 when idle)."""
         with self._cond:
             return len(self._lines)
-
-
-def ticket_of(obj: object) -> Optional[Ticket]:
-    return getattr(obj, "_telesession_ticket", None)

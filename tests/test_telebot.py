@@ -287,6 +287,40 @@ def test_ordered_processing_keeps_each_chats_order(tmp_path):
         stop(bot)
 
 
+def test_ordered_an_update_taken_by_a_next_step_handler_never_stalls_its_chat(tmp_path, caplog):
+    """telebot hands such a message straight to the step handler, past every middleware."""
+    bot = make_bot()
+    try:
+        sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []},
+                            lock_timeout=5)
+        sessions.setup(bot, ordered=True)
+        steps = []
+
+        @bot.message_handler(commands=["ask"])
+        def ask(message):
+            session["seen"].append(message.text)
+            bot.register_next_step_handler(message, lambda answer: steps.append(answer.text))
+
+        @bot.message_handler(func=lambda m: True)
+        def other(message):
+            session["seen"].append(message.text)
+
+        bot.process_new_updates([message_update("/ask", chat_id=3)])
+        drain(bot)
+        started = time.monotonic()
+        bot.process_new_updates([message_update("answer", chat_id=3)])  # to the step handler
+        bot.process_new_updates([message_update("after", chat_id=3)])
+        drain(bot)
+        assert time.monotonic() - started < 2.5, "the next update waited for a ticket that never ends"
+        assert steps == ["answer"]
+        with sessions.open("3") as s:
+            assert s["seen"] == ["/ask", "after"]
+        assert "out of order" not in caplog.text
+        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+    finally:
+        stop(bot)
+
+
 class CountingHandler(telebot.ExceptionHandler):
     """Collects the exceptions that escape telebot's tasks (what a bot would log)."""
 
