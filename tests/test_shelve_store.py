@@ -347,3 +347,65 @@ def test_two_store_objects_on_one_database_in_one_process_exclude_each_other(bas
         assert a["count"] + b["count"] + c["count"] == 4 * 150
     stores[0].close()
     assert ShelveStore(base).load("k0") == stores[1].load("k0")
+
+
+# ---- a crash at every file operation of a save that compacts ---------------------------------------
+# As in test_crash.py: an audit hook counts the file operations of one save, then the same save is
+# run once per operation and the process SIGKILLs itself just before the n-th.  Here the save is the
+# one that compacts the index, so the kills land inside the rewrite too.
+
+COMPACT_TRAP = r"""
+import os, signal, sys
+from telesession.stores import ShelveStore
+
+base, kill_at = sys.argv[1], int(sys.argv[2])
+EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.chmod", "os.truncate", "os.mkdir",
+          "os.link", "os.symlink", "os.utime", "shutil.move"}
+seen = []
+armed = False
+
+def hook(event, args):
+    if armed and event in EVENTS:
+        seen.append(event)
+        if len(seen) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+store = ShelveStore(base)
+assert store.load("hot") == b"old"
+armed = True
+store.save("hot", b"new")
+armed = False
+print(len(seen))
+"""
+
+
+def _seed_full_index(base: str) -> None:
+    """``other`` and ``hot``, with as many index lines as one more save may add before compacting."""
+    store = ShelveStore(base, fsync=False)
+    store.save("other", b"untouched")
+    for _ in range(2 * 2 + shelf_module._COMPACT_SLACK - 2):
+        store.save("hot", b"older")
+    store.save("hot", b"old")
+    store.close()
+
+
+def test_a_crash_at_any_file_operation_of_a_compacting_save_leaves_old_or_new(tmp_path):
+    probe = str(tmp_path / "probe" / "db")
+    _seed_full_index(probe)
+    operations = int(_run(COMPACT_TRAP, probe, "0"))
+    assert len(_dir_lines(probe)) == 3, "the probe save did not compact"
+    assert operations >= 4, operations
+
+    for n in range(1, operations + 1):
+        base = str(tmp_path / f"kill-{n}" / "db")
+        _seed_full_index(base)
+        done = subprocess.run([sys.executable, "-c", COMPACT_TRAP, base, str(n)], env=ENV,
+                              capture_output=True, timeout=60)
+        assert done.returncode == -9, (n, done.stderr.decode()[-2000:])
+        store = ShelveStore(base)  # removes a temp file the crash left behind
+        assert store.load("hot") in (b"old", b"new") and store.load("other") == b"untouched", n
+        assert [name for name in os.listdir(os.path.dirname(base)) if name.endswith(".tmp")] == [], n
+        assert _stdlib_view(base) == {"hot": store.load("hot"), "other": b"untouched"}
+        store.save("hot", b"after")
+        assert ShelveStore(base).load("hot") == b"after"

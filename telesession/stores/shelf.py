@@ -15,20 +15,27 @@ reads every session, and databases written before keep working:
   one index line to ``PATH.dir`` (flushed too).  Nothing is overwritten, so a
   crash leaves the old line pointing at the old value, or the new line at the
   new one.  A line torn by a crash mid-append (no final newline) is ignored when
-  reading (or completed, if its key, position and whole value are readable) and
-  cut off by the next save; ``dbm.dumb`` cannot open the files until then.
-* Each process keeps the parsed index in memory, per database, and checks it on
-  every operation under the store-wide lock with one ``stat`` of ``PATH.dir``:
-  same file and grown, it parses only the new lines; replaced by another
-  process, it re-reads it in full.  It keeps the parsed file open, so its inode
-  number cannot be reused by a later file while it is cached.
-* So a load or a save costs the same with 100 or 100,000 stored sessions.  A
-  delete rewrites the index (temp file, ``fsync``, rename): it costs time in
-  proportion to the stored keys, and makes every other process re-read the
-  index once.  When the index holds more than twice as many lines as live keys
-  (plus 1,000), the save that notices rewrites it the same way (compaction), so
-  ``PATH.dir`` stays in proportion to the sessions.  ``PATH.dat`` grows by at
-  least 512 bytes per save and is never compacted (neither does ``dbm.dumb``).
+  reading (or completed, if its key, its position and a whole value there are
+  readable: the save had got that far) and cut off by the next save;
+  ``dbm.dumb`` cannot open the files until then.
+* Each process keeps the parsed index in memory, per database (about 170 bytes
+  per key), and checks it on every operation under the store-wide lock with one
+  ``stat`` of ``PATH.dir``: same file and grown, it parses only the new lines;
+  replaced by another process, it re-reads it in full (about 0.1 s per 100,000
+  keys).  It keeps the parsed file open, so its inode number cannot be reused
+  by a later file while it is cached.  A forked child checks the inherited
+  index the same way before using it.
+* So a load or a save costs the same with 100 or 100,000 stored sessions, once
+  the index is read.  A delete rewrites the index (temp file, ``fsync``,
+  rename, ``fsync`` of the directory): it costs time in proportion to the
+  stored keys, and makes every other process re-read the index once; deleting
+  many sessions one by one (a purge) is therefore slow with many stored.  When
+  the index holds more than twice as many lines as live keys (plus 1,000), the
+  save that notices rewrites it the same way (compaction), so ``PATH.dir`` stays
+  in proportion to the sessions.  A crash mid-rewrite leaves the old index and
+  a temp file, which the next ``ShelveStore`` opening the database removes.
+  ``PATH.dat`` grows by at least 512 bytes per save and is never compacted
+  (``dbm.dumb`` never reclaims space either).
 
 Every operation runs under a store-wide lock (a thread mutex per database per
 process plus a record lock on byte 0 of ``PATH.lock``); sessions are held per key
@@ -43,15 +50,13 @@ are our own JSON records, pickled as ``bytes``.
 import ast
 import dbm
 import glob
-import io
 import logging
 import os
 import pickle
 import re
-import shelve
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from ..atomic import atomic_file
 from ..errors import CorruptSessionError, StoreError
@@ -65,6 +70,7 @@ _BLOCK = 512  # dbm.dumb starts every value at a multiple of this
 _PROTOCOL = 4  # the pickle protocol ShelveStore has always given shelve: keep it, old files stay readable
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _COMPACT_SLACK = 1000  # compact when the index has more than 2 x live keys + this many lines
+_DBM_ERRORS = (OSError,) + tuple(dbm.error)
 
 Pair = Tuple[int, int]  # (position in PATH.dat, size)
 
@@ -166,12 +172,10 @@ def _recover(tail: bytes, datfile: str) -> Optional[Tuple[bytes, Pair]]:
     try:
         with open(datfile, "rb") as f:
             f.seek(pos)
-            data = f.read()
-        stream = io.BytesIO(data)
-        value = pickle.Unpickler(stream).load()
+            value = pickle.Unpickler(f).load()  # reads exactly the one pickle
+            size = str(f.tell() - pos).encode()
     except Exception:  # noqa: BLE001 - no whole value there: the line stays ignored
         return None
-    size = str(stream.tell()).encode()
     if not isinstance(value, bytes) or not size.startswith(digits) or (tail.endswith(b")") and size != digits):
         return None
     return m.group(1), (pos, int(size))
@@ -263,8 +267,8 @@ class _Index:
             self.tail = tail
             self.tail_entry = _recover(tail, self.datfile) if tail else None
             if tail:
-                logger.warning("%s ends with a torn line (a crash mid-save?): %s until the next save cuts it off",
-                               self.dirfile, "completed" if self.tail_entry else "ignored")
+                logger.warning("%s ends with a line torn by a crash mid-save: %s until the next save cuts it off",
+                               self.dirfile, "read as completed" if self.tail_entry else "ignored")
 
     def get(self, key: bytes) -> Optional[Pair]:
         if self.tail_entry is not None and self.tail_entry[0] == key:
@@ -330,11 +334,27 @@ class ShelveStore(Store):
         kind = dbm.whichdb(self.path)
         self._dumb = kind == "dbm.dumb" or (kind is None and _default_is_dumb())
         self._index: Optional[_Index] = _index_for(real)
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
+        """Create the files if missing and read the index: a damaged database fails here already."""
         with self._locked("create", None) as index:
             if self._dumb:
                 for name in (index.datfile, index.dirfile):
-                    os.close(os.open(name, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o600))
+                    if not os.path.exists(name):  # an existing database may be read-only
+                        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | _CLOEXEC, 0o600))
                 index.refresh(os.stat(index.dirfile))
+                # Index rewrites happen under the lock we hold: a temp file left now is a crashed one's.
+                for name in glob.glob(os.path.join(glob.escape(os.path.dirname(index.dirfile)),
+                                                   "." + glob.escape(os.path.basename(index.dirfile)) + ".*.tmp")):
+                    try:
+                        os.unlink(name)
+                    except OSError:
+                        pass
             else:
                 self._open_generic().close()
             for name in glob.glob(glob.escape(self.path) + "*"):  # files made by older versions or others
@@ -524,10 +544,7 @@ class ShelveStore(Store):
 
     def _open_generic(self) -> Any:
         """The gdbm/ndbm database, opened for one operation (cheap for those)."""
-        try:
-            return dbm.open(self.path, "c", 0o600)
-        except dbm.error as exc:  # type: ignore[misc]
-            raise StoreError(f"cannot open the shelve database {self.path}: {exc}", None, self.path) from exc
+        return dbm.open(self.path, "c", 0o600)
 
     # -- the lock -------------------------------------------------------------------
 
@@ -554,7 +571,7 @@ class ShelveStore(Store):
                     f"it was left untouched{backup}", key, self.path) from exc
             except StoreError:
                 raise
-            except OSError as exc:
+            except _DBM_ERRORS as exc:  # OSError, and gdbm's or ndbm's own error
                 raise StoreError(f"cannot {what} ({self.path}): {exc}", key, self.path) from exc
             finally:
                 lock_file.release(None)
