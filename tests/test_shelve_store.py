@@ -409,3 +409,49 @@ def test_a_crash_at_any_file_operation_of_a_compacting_save_leaves_old_or_new(tm
         assert _stdlib_view(base) == {"hot": store.load("hot"), "other": b"untouched"}
         store.save("hot", b"after")
         assert ShelveStore(base).load("hot") == b"after"
+
+
+# ---- several processes appending, deleting and compacting at once ----------------------------------
+
+HAMMER = r"""
+import sys
+from telesession import Sessions
+from telesession.stores import ShelveStore
+
+base, me, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sessions = Sessions(ShelveStore(base, fsync=False), initial=lambda: {"count": 0}, lock_timeout=30)
+for n in range(rounds):
+    with sessions.open(f"shared-{n % 5}") as s:
+        s["count"] += 1
+    if n % 100 == 0:  # a delete replaces the index under the others' feet
+        with sessions.open(f"scratch-{me}") as s:
+            s["n"] = n
+        with sessions.open(f"scratch-{me}") as s:
+            s.delete()
+print("done")
+"""
+
+
+def test_processes_appending_deleting_and_compacting_at_once_lose_nothing(base):
+    store = ShelveStore(base, fsync=False)
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, base, str(me), "1500"], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for me in range(3)]
+    reads = 0
+    while any(p.poll() is None for p in procs):  # this process reads along, through its cache
+        for k in range(5):
+            store.load(f"shared-{k}")
+        reads += 1
+    assert reads > 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out == b"done\n", err.decode()[-3000:]
+    sessions = Sessions(store, initial=lambda: {"count": 0})
+    total = 0
+    for k in range(5):
+        with sessions.open(f"shared-{k}") as s:
+            total += s["count"]
+    assert total == 3 * 1500
+    assert sorted(store.keys()) == [f"shared-{k}" for k in range(5)]
+    assert len(_dir_lines(base)) - 1 <= 2 * 5 + 1000 + 1, "never compacted"
+    view = _stdlib_view(base)
+    assert sorted(view) == sorted(store.keys()) and all(view[k] == store.load(k) for k in view)
