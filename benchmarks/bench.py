@@ -432,6 +432,7 @@ def prefill(store: Any, keys: Sequence[str], budget_s: Optional[float] = None) -
                                  "VALUES (?, ?, ?, NULL)",
                                  ((k, build_record(k, SMALL, 0, stamp), stamp) for k in keys))
                 conn.execute("COMMIT")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a running bot would long have done it
             finally:
                 conn.close()
             return len(keys)

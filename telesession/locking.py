@@ -14,7 +14,7 @@ import time
 from typing import Dict, Hashable, List, Optional
 
 __all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for", "held_keys",
-           "current_pid"]
+           "current_pid", "key_offset"]
 
 try:  # POSIX
     import fcntl
@@ -103,7 +103,7 @@ class KeyLocks:
         return [k for k, e in list(self._entries.items()) if e.owner is not None]
 
 
-def _offset(key: str) -> int:
+def key_offset(key: str) -> int:
     """Byte offset of ``key``'s record lock: a 62-bit hash, so distinct keys practically never share one."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return 1 + (int.from_bytes(digest, "big") >> 2)  # offset 0 is the whole-store lock
@@ -123,26 +123,35 @@ class RangeLockFile:
 
     def acquire(self, key: Optional[str], timeout: float) -> bool:
         """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
+        return self.lock_at(0 if key is None else key_offset(key), timeout)
+
+    def release(self, key: Optional[str]) -> None:
+        self.unlock_at(0 if key is None else key_offset(key))
+
+    def lock_at(self, offset: int, timeout: float) -> bool:
+        """Take the lock byte at ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds."""
         if fcntl is None:  # pragma: no cover - no cross-process locking without POSIX locks
             return True
-        offset = 0 if key is None else _offset(key)
-        deadline = time.monotonic() + timeout
+        deadline = None
         delay = 0.0002
         while True:
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
                 return True
             except (BlockingIOError, PermissionError):
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + timeout
+                remaining = deadline - now
                 if remaining <= 0:
                     return False
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 0.01)
 
-    def release(self, key: Optional[str]) -> None:
+    def unlock_at(self, offset: int) -> None:
         if fcntl is None:  # pragma: no cover
             return
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0 if key is None else _offset(key))
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
 
 
 _registry_mutex = threading.Lock()

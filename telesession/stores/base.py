@@ -15,7 +15,8 @@ import time
 from typing import Any, Hashable, Iterator, Optional
 
 from ..errors import LockTimeout, StoreError
-from ..locking import REENTERED, KeyLocks, RangeLockFile, current_pid, key_locks_for, range_lock_file_for
+from ..locking import (REENTERED, KeyLocks, RangeLockFile, current_pid, key_locks_for, key_offset,
+                       range_lock_file_for)
 
 __all__ = ["Store"]
 
@@ -122,14 +123,16 @@ class Store(abc.ABC):
         if self.lock_path is None:
             return True
         lock_file = self._process_lock_file(key)
-        if not lock_file.acquire(key, timeout):
+        offset = key_offset(key)  # hashed once: release reuses it
+        if not lock_file.lock_at(offset, timeout):
             raise self._timeout(key, timeout)
-        return lock_file
+        return lock_file, offset
 
     def _unlock_external(self, key: str, token: Any) -> None:
         """Undo ``_lock_external``."""
         if token is not True:
-            token.release(key)
+            lock_file, offset = token
+            lock_file.unlock_at(offset)
 
     def _process_lock_file(self, key: Optional[str] = None) -> RangeLockFile:
         """This process's open ``lock_path``, looked up once per process, not per update."""

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 from urllib.parse import unquote_to_bytes
 
 from ..errors import StoreError
+from ..locking import current_pid
 from .base import Store
 
 __all__ = ["JSONFileStore", "key_to_filename", "filename_to_key"]
@@ -36,6 +37,9 @@ _SUFFIX = ".json"
 _MAX_NAME = 200
 _STALE_TEMP_SECONDS = 3600
 _temp_names = itertools.count()  # next() is atomic under the GIL
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | _CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC
 _WINDOWS_DEVICES = frozenset(["con", "prn", "aux", "nul"] + [f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)])
 
 
@@ -98,20 +102,30 @@ class JSONFileStore(Store):
     def load(self, key: str) -> Optional[bytes]:
         path = self.path(key)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, _READ_FLAGS)  # no buffered file object: half the system calls
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise self._error("read", key, path, exc) from exc
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        except OSError as exc:
+            raise self._error("read", key, path, exc) from exc
+        finally:
+            os.close(fd)
 
     def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
              ttl: Optional[float] = None) -> None:
         path = self.path(key)
         # Unique per process (module-wide counter: several store objects may share a directory).
-        temp = os.path.join(self.directory, f".{os.getpid()}-{next(_temp_names)}.tmp")
+        temp = os.path.join(self.directory, f".{current_pid()}-{next(_temp_names)}.tmp")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(temp, _WRITE_FLAGS, 0o600)
         except OSError as exc:
             raise self._error("write", key, path, exc) from exc
         try:

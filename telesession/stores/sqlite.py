@@ -19,6 +19,7 @@ import weakref
 from typing import Iterator, List, Optional, Union
 
 from ..errors import ConflictError, CorruptSessionError, StoreError
+from ..locking import current_pid
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -47,10 +48,10 @@ class _Connection:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.pid = os.getpid()
+        self.pid = current_pid()
 
     def close(self) -> None:
-        if self.pid == os.getpid():
+        if self.pid == current_pid():
             try:
                 self.conn.close()
             except sqlite3.Error:  # pragma: no cover - closing is best effort
@@ -168,7 +169,7 @@ class SQLiteStore(Store):
     def _conn(self, key: Optional[str]) -> sqlite3.Connection:
         """This thread's connection in this process, opened on first use."""
         holder = getattr(self._local, "conn", None)
-        if holder is not None and holder.pid == os.getpid():
+        if holder is not None and holder.pid == current_pid():
             return holder.conn
         if self._closed:
             raise StoreError(f"SQLiteStore({self.path!r}) is closed", key, self.path)
