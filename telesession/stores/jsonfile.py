@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 from urllib.parse import unquote_to_bytes
 
 from ..errors import StoreError
@@ -108,7 +108,7 @@ class JSONFileStore(Store):
         except OSError as exc:
             raise self._error("read", key, path, exc) from exc
         try:
-            chunks = []
+            chunks: List[bytes] = []
             while True:
                 chunk = os.read(fd, 65536)
                 if not chunk:
