@@ -319,6 +319,7 @@ STORES = [  # name, kind, options
     ("json fsync", "json", {"fsync": True}),
     ("json no-fsync", "json", {"fsync": False}),
     ("shelve", "shelve", {}),
+    ("shelve no-fsync", "shelve", {"fsync": False}),
     ("sqlite NORMAL", "sqlite", {"synchronous": "NORMAL"}),
     ("sqlite FULL", "sqlite", {"synchronous": "FULL"}),
     ("sqlite OFF", "sqlite", {"synchronous": "OFF"}),
@@ -926,7 +927,7 @@ def section_e2e(env: Env) -> None:
     updates = make_updates(order)
     warm = make_updates([rng.choice(chat_ids) for _ in range(plan.e2e_warm)], start_id=10_000_000)
     configs = [("no sessions (baseline)", "baseline", {}), ("telebot StateMemoryStorage", "peer", {})]
-    configs += [(name, kind, options) for name, kind, options in STORES if name not in ("sqlite FULL", "sqlite OFF")]
+    configs += [(name, kind, options) for name, kind, options in STORES if name not in ("sqlite FULL", "sqlite OFF", "shelve no-fsync")]
     configs += [(RAW_SQLITE, "sqlite-raw", {})]
     configs += [("memory, ordered=True", "memory", {"ordered": True}),
                 ("sqlite NORMAL, ordered=True", "sqlite", {"synchronous": "NORMAL", "ordered": True})]
@@ -1153,6 +1154,9 @@ def section_durability(env: Env) -> None:
         "json fsync": ("fsync=True (default)", "floor atomic fsync", "a returned handler's write survives power loss"),
         "json no-fsync": ("fsync=False", "floor atomic no-fsync",
                           "old-or-new on process crash; power loss may drop recent writes"),
+        "shelve": ("fsync=True (default)", None, "values, then the index line, flushed: survives power loss"),
+        "shelve no-fsync": ("fsync=False", None,
+                            "old-or-new on process crash; power loss may drop recent writes"),
         "sqlite OFF": ("synchronous=OFF", "floor sqlite OFF",
                        "safe on process crash; OS crash/power loss may corrupt the DB"),
         "sqlite NORMAL": ("synchronous=NORMAL (default)", "floor sqlite NORMAL",
@@ -1172,7 +1176,8 @@ def section_durability(env: Env) -> None:
             continue
         rmw = overhead[name]["rmw_ns"]
         e2e_rate = e2e.get(name, {}).get("rate")
-        rows.append([family, setting, fmt_us(rmw), fmt_ratio(rmw / cheapest[family]), fmt_us(floors.get(floor)),
+        rows.append([family, setting, fmt_us(rmw), fmt_ratio(rmw / cheapest[family]),
+                     fmt_us(floors.get(floor)) if floor else "-",
                      fmt_rate(e2e_rate) if e2e_rate else "-", text])
     table("7. Durability settings: cost of each store's sync policy (us per increment from section 1; "
           "updates/s from section 5)",
