@@ -78,7 +78,7 @@ class Plan:
         self.shelve_prefill_budget_s = 3.0 if quick else 20.0
         self.e2e_updates = 2_000 if quick else 20_000
         self.e2e_chats = 200 if quick else 1_000
-        self.e2e_reps = 3
+        self.e2e_reps = 3 if quick else 5  # threaded runs on 2 cores swing widely: more runs
         self.e2e_budget_s = 0.25 if quick else 3.0  # per timed repetition (slow stores get fewer updates)
         self.e2e_min_updates = 50 if quick else 100
         self.e2e_warm = 16 if quick else 32        # warm-up updates per run: threads, connections
@@ -971,7 +971,7 @@ def section_e2e(env: Env) -> None:
     rows = []
     for name, r in results.items():
         if "na" in r:
-            rows.append([name, f"n/a ({r['na']})", "", "", "", ""])
+            rows.append([name, f"n/a ({r['na']})", "", "", "", "", ""])
             continue
         if r["exact"]:
             exact = "exact"
@@ -979,8 +979,9 @@ def section_e2e(env: Env) -> None:
             exact = f"lost {r['lost']:,} of {r['expected']:,} ({100 * r['lost'] / r['expected']:.2f}%)"
         if r["errors"]:
             exact += f", {r['errors']} errors"
-        rows.append([name, f"{r['updates']:,}", fmt_rate(r["rate"]), fmt_us(1e9 / r["rate"]),
-                     fmt_ratio(r["rate"] / base) if base else "-", exact])
+        rates = [run["rate"] for run in r["runs"]]
+        rows.append([name, f"{r['updates']:,}", fmt_rate(r["rate"]), f"{fmt_rate(min(rates))}-{fmt_rate(max(rates))}",
+                     fmt_us(1e9 / r["rate"]), fmt_ratio(r["rate"] / base) if base else "-", exact])
     floor_note = []
     raw_rate = results.get(RAW_SQLITE, {}).get("rate")
     ours = results.get("sqlite NORMAL", {}).get("rate")
@@ -990,7 +991,8 @@ def section_e2e(env: Env) -> None:
                           f"the floor / baseline: {fmt_ratio(raw_rate / base) if base else '-'}.")
     table(f"5. End to end: TeleBot(threaded, num_threads=8, use_class_middlewares).process_new_updates, "
           f"{plan.e2e_chats:,} chats (median of {plan.e2e_reps} runs)",
-          ["handler", "updates/run", "updates/s", "us/update", "vs baseline", "totals (sum of counts == updates)"],
+          ["handler", "updates/run", "updates/s", "min-max of runs", "us/update", "vs baseline",
+           "totals (sum of counts == updates)"],
           rows, ["session rows: sessions.setup(bot) + handler doing session['count'] += 1"
                  " (ordered=True: setup(bot, ordered=True), each chat's updates in update_id order);"
                  " slow stores get fewer updates per run (time budget).",
