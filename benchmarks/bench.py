@@ -765,6 +765,34 @@ def section_scaling(env: Env) -> None:
                     shutil.rmtree(directory, ignore_errors=True)
             if kind == "redis" and env.redis.url:
                 env.redis.flush()
+    # the floor under SQLiteStore: does SQLite itself slow down with the number of rows?
+    name = "bare SQLite WAL upsert (floor)"
+    results[name] = {}
+    entries = []
+    conns = []
+    directories = []
+    for level in plan.levels:
+        directory = env.fresh_dir(f"scale-sqlite-floor-{level}")
+        directories.append(directory)
+        path = os.path.join(directory, "floor.db")
+        keys = [str(c) for c in range(1, level + 1)]
+        t0 = time.monotonic()
+        run, conn = sqlite_upserter(path, "NORMAL", rng.sample(keys, min(level, 1000)))
+        conn.execute("BEGIN")
+        conn.executemany("INSERT OR IGNORE INTO t(key, record) VALUES (?, ?)",
+                         ((k, build_record(k, SMALL, 0, time.time())) for k in keys))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conns.append(conn)
+        entries.append({"level": level, "stored": level, "prefill_s": time.monotonic() - t0, "run": run})
+    log(f"[4] {name}")
+    measure_levels(entries, plan, name)
+    for e in entries:
+        results[name][e["level"]] = {k: v for k, v in e.items() if k != "run"}
+    for conn in conns:
+        conn.close()
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
     # telebot's StatePickleStorage: rewrites the whole file on every operation
     name = "telebot StatePickleStorage"
     results[name] = {}
@@ -813,7 +841,9 @@ def section_scaling(env: Env) -> None:
     table(f"4. Scaling: us per increment with N stored sessions (random keys among N; median of <= {plan.reps})",
           ["store"] + [f"N={lv:,}" for lv in plan.levels] + [f"{last // first:,}x N"], rows,
           ["@K: the prefill stopped at K sessions within its time budget; (k ops): the budget allowed only k.",
-           "json/shelve/sqlite/redis through with_session; StatePickleStorage through bot.retrieve_data."])
+           "json/shelve/sqlite/redis through with_session; StatePickleStorage through bot.retrieve_data.",
+           "bare SQLite WAL upsert: the floor's statement alone on a table of N rows (SQLite's own growth: "
+           "deeper B-trees, more distinct pages per WAL checkpoint)."])
 
 
 # ---------------------------------------------------------------------------------------
