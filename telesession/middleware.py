@@ -163,13 +163,15 @@ def _sequence_dispatch(bot: Any, ours: List[SessionMiddleware]) -> None:
                 ticketed = [(mw, c) for mw in ours if mw.sequencer is not None
                             for c in (mw.issue_ticket(update),) if c is not None]
                 queued.clear()
-                dispatch([update])
-                # telebot handed it past the middlewares (a next-step handler took it) or
-                # dropped it: its task will never finish the ticket, so later updates of the
-                # key would wait for lock_timeout.  Finish it now.
-                for mw, content in ticketed:
-                    if id(content) not in queued:
-                        mw.finish_ticket(content)
+                try:
+                    dispatch([update])
+                finally:
+                    # telebot handed it past the middlewares (a next-step handler took it),
+                    # dropped it, or raised before queueing it: its task will never finish
+                    # the ticket, and later updates of the key would wait for lock_timeout.
+                    for mw, content in ticketed:
+                        if id(content) not in queued:
+                            mw.finish_ticket(content)
 
     process_new_updates._telesession_guard = True  # type: ignore[attr-defined]
     bot._exec_task = watch_exec_task

@@ -321,6 +321,35 @@ def test_ordered_an_update_taken_by_a_next_step_handler_never_stalls_its_chat(tm
         stop(bot)
 
 
+def test_ordered_a_step_handler_that_raises_in_an_unthreaded_bot_never_stalls_its_chat(tmp_path):
+    """With threaded=False telebot re-raises from dispatch: the ticket must still be finished."""
+    bot = make_bot(threaded=False)
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []}, lock_timeout=3)
+    sessions.setup(bot, ordered=True)
+
+    def step(answer):
+        raise RuntimeError("the step failed")
+
+    @bot.message_handler(commands=["ask"])
+    def ask(message):
+        session["seen"].append(message.text)
+        bot.register_next_step_handler(message, step)
+
+    @bot.message_handler(func=lambda m: True)
+    def other(message):
+        session["seen"].append(message.text)
+
+    bot.process_new_updates([message_update("/ask", chat_id=3)])
+    with pytest.raises(RuntimeError, match="the step failed"):
+        bot.process_new_updates([message_update("answer", chat_id=3)])
+    started = time.monotonic()
+    bot.process_new_updates([message_update("after", chat_id=3)])
+    assert time.monotonic() - started < 1.5, "the next update waited for the failed update's ticket"
+    assert bot._telesession_middlewares[0].sequencer.pending() == 0
+    with sessions.open("3") as s:
+        assert s["seen"] == ["/ask", "after"]
+
+
 class CountingHandler(telebot.ExceptionHandler):
     """Collects the exceptions that escape telebot's tasks (what a bot would log)."""
 
