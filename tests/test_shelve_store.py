@@ -170,6 +170,33 @@ def test_a_torn_line_whose_value_is_whole_is_completed(base, cut):
     assert _stdlib_view(base) == {"k": k, "other": b"o2"}
 
 
+@pytest.mark.parametrize("failing", ["completion", "new line"])
+def test_a_failed_save_never_drops_the_entry_a_torn_line_recovered(base, monkeypatch, failing):
+    """Fault injection at the index write (a real ENOSPC cannot be aimed at exactly that write)."""
+    _seed(base).close()
+    pos, size = _append_value(base, b"k3")
+    with open(base + ".dir", "ab") as f:
+        f.write(b"'k', (%d, %d" % (pos, size))  # the value is whole, its line torn
+    store = ShelveStore(base)
+    assert store.load("k") == b"k3"
+    real = shelf_module._write_all
+
+    def full_disk(fd, data, offset=None):
+        aimed = b"'other'" in data if failing == "new line" else data.startswith(b")")
+        if offset is None and aimed:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(shelf_module, "_write_all", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.save("other", b"o2")
+    monkeypatch.setattr(shelf_module, "_write_all", real)
+    assert store.load("k") == b"k3" and store.load("other") == b"o1"  # old or new, never older
+    assert ShelveStore(base).load("k") == b"k3"
+    store.save("other", b"o3")
+    assert _stdlib_view(base) == {"k": b"k3", "other": b"o3"}
+
+
 def test_a_torn_line_left_by_another_process_is_cut_off_here(base):
     store = _seed(base)
     assert store.load("k") == b"k2"  # cached

@@ -486,11 +486,8 @@ class ShelveStore(Store):
             finally:
                 os.close(fd)
             added = [(kb, (pos, len(raw)))]
-            if index.tail:  # a line torn by a crash: cut it off, and write it whole if it could be completed
-                os.ftruncate(dfd, index.offset)
-                if index.tail_entry is not None:
-                    added.insert(0, index.tail_entry)
-                index.tail, index.tail_entry = b"", None
+            if index.tail:  # a line torn by a crash
+                self._settle_tail(index, dfd)
             start = index.offset
             data = b"".join(_line(k, p) for k, p in added)
             try:
@@ -521,6 +518,30 @@ class ShelveStore(Store):
             except OSError as exc:  # the save itself is done; a later one tries again
                 index.retry_at = index.lines + _COMPACT_SLACK
                 logger.warning("cannot compact the index of the shelve database %s: %s", self.path, exc)
+
+    def _settle_tail(self, index: _Index, dfd: int) -> None:
+        """Complete a torn last line in place if it could be read as completed, else cut it off.
+
+        Completed first and on its own, so a failure of the save that follows (which takes
+        back only its own line) never drops the entry the torn line recovered.
+        """
+        entry, tail = index.tail_entry, index.tail
+        full = _line(*entry) if entry is not None else b""
+        try:
+            if entry is not None and full.startswith(tail):
+                _write_all(dfd, full[len(tail):])  # O_APPEND: right after the torn bytes
+                if self.fsync:
+                    os.fsync(dfd)
+                index.entries[entry[0]] = entry[1]
+                index.lines += 1
+                index.offset += len(full)
+                index.mark = (index.mark + full)[-64:]
+            else:
+                os.ftruncate(dfd, index.offset)
+        except BaseException:
+            index.reset()  # the file may hold a longer prefix now: read it afresh next time
+            raise
+        index.tail, index.tail_entry = b"", None
 
     def _rewrite(self, index: _Index, entries: Dict[bytes, Pair]) -> None:
         """Replace ``PATH.dir`` with one line per entry (temp file, fsync, rename)."""
