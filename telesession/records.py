@@ -18,6 +18,7 @@ import dataclasses
 import json
 import json.scanner
 import math
+import re
 from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import CorruptSessionError, SerializationError
@@ -66,6 +67,10 @@ def _make_decoder() -> Callable[[str], Any]:
 
     return decode
 
+
+# The numbers build_record writes, as JSON spells them (int() and float() accept more: "007", "5.").
+_VERSION = re.compile(r"0|[1-9][0-9]*")
+_WRITTEN = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
 
 _encode = _make_encoder()
 _decode = _make_decoder()
@@ -146,8 +151,7 @@ def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[
         d = text.find(',"data":', k + 7)  # the key before it is a JSON string: its quotes are escaped
         if 11 < w < k < d:
             version, written = text[11:w], text[w + 11:k]
-            if (version.isascii() and version.isdigit() and written.isascii()
-                    and written.replace(".", "", 1).isdigit() and text[k + 7:d] == _encode(key)):
+            if _VERSION.fullmatch(version) and _WRITTEN.fullmatch(written) and text[k + 7:d] == _encode(key):
                 data_json = text[d + 8:-1]
                 try:
                     return _decode(data_json), int(version), float(written), data_json

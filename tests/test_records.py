@@ -31,6 +31,10 @@ def test_other_shapes_go_through_the_full_parse(raw):
     b'{"version":1,"written":5.0,"key":"k","data":{"a":}}',
     b'{"version":1_0,"written":5.0,"key":"k","data":{"a":1}}',  # int() would take it, JSON does not
     b'{"version":1,"written":nan,"key":"k","data":{"a":1}}',
+    b'{"version":007,"written":5.0,"key":"k","data":{"a":1}}',  # JSON has no leading zeros
+    b'{"version":1,"written":05.0,"key":"k","data":{"a":1}}',
+    b'{"version":1,"written":5.,"key":"k","data":{"a":1}}',
+    b'{"version":1,"written":.5,"key":"k","data":{"a":1}}',
     b'{"version":1,"written":5.0,"key":"k","data":{"a":1}}garbage}',
     b'\xff\xfe{"version":1}',
 ])
