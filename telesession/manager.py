@@ -80,7 +80,7 @@ class _Handle:
         m, key, store = self.manager, cast(str, self.key), self.store
         self.token = store.acquire(key, m.lock_timeout)
         try:
-            raw = store.load(key)
+            raw = store.load_locked(key, self.token)
             self.raw = raw
             data = data_json = None
             if raw is not None:

@@ -115,20 +115,41 @@ def test_the_lock_script_reads_the_session_so_a_handler_costs_one_round_trip_les
     token = store.acquire("k", 1)
     try:
         before = _gets(raw)
-        assert store.load("k") == b"v1"  # served from the lock script's reply
+        assert store.load_locked("k", token) == b"v1"  # served from the lock script's reply
         assert _gets(raw) == before
         store.save("k", b"v2", previous=b"v1")
         before = _gets(raw)
-        assert store.load("k") == b"v2"  # after a write: read again, never the stale copy
-        assert _gets(raw) == before + 1
+        assert store.load("k") == b"v2"  # a plain load always asks Redis
+        assert store.load_locked("k", token) == b"v2"  # the copy is handed out once only
+        assert _gets(raw) == before + 2
     finally:
         store.release("k", token)
     token = store.acquire("absent", 1)
     try:
-        assert store.load("absent") is None
+        assert store.load_locked("absent", token) is None
     finally:
         store.release("absent", token)
-    assert store.load("k") == b"v2"  # without the lock: a plain read
+
+
+def test_a_session_written_through_another_store_object_is_never_served_stale(redis_store_url):
+    from telesession import Sessions
+
+    one, two = open_store(redis_store_url), open_store(redis_store_url)
+    try:
+        outer, inner = Sessions(one, initial=lambda: {"n": 0}), Sessions(two, initial=lambda: {"n": 0})
+        with outer.open("k") as s:  # two's scope re-enters the same held key (same location)
+            s["n"] = 1
+            with inner.open("k") as t:
+                assert t["n"] == 1  # the very same session object, not a second read
+                t["n"] = 2
+        with inner.open("k") as t:
+            assert t["n"] == 2
+            t["n"] = 3
+        with outer.open("k") as s:
+            assert s["n"] == 3
+    finally:
+        one.close()
+        two.close()
 
 
 def test_ttl_is_native_expiry(store, raw):

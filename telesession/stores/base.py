@@ -8,7 +8,8 @@ A backend implements ``load``, ``save``, ``delete``, ``keys`` and ``describe``,
 and names its ``location``.  Locking comes from the base class: among threads
 by ``telesession.locking.KeyLocks`` shared by every store object on the same
 location; a backend that is shared between processes adds its own exclusion by
-overriding ``_lock_external`` and ``_unlock_external``.
+overriding ``_lock_external`` and ``_unlock_external`` (and, if taking its lock can
+read the record in the same round trip, ``load_locked``).
 """
 import abc
 import time
@@ -101,6 +102,11 @@ class Store(abc.ABC):
         except BaseException:
             locks.release(key)
             raise
+
+    def load_locked(self, key: str, token: Any) -> Optional[bytes]:
+        """``load`` right after ``acquire`` returned ``token``: a store whose lock call already
+        read the record (Redis) returns that copy instead of asking again."""
+        return self.load(key)
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""

@@ -11,7 +11,7 @@ The segment after the prefix (``s:`` or ``l:``) says what a Redis key is, so no 
 key, whatever its characters (``"lock:x"``, ``"l:x"``), can name another key's lock.
 
 A lock is taken with ``SET NX PX`` and a random token by a Lua script that also
-returns the session (the load that follows costs no round trip), given back by a Lua
+returns the session (``load_locked`` right after costs no round trip), given back by a Lua
 compare-and-delete (never another holder's lock), and kept alive by one daemon thread
 per store that extends every held lease each ``lease / 3`` seconds.  Saves and deletes
 are Lua compare-and-set: they write only while the stored record is still the one
@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Dict, Hashable, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, Iterator, Optional, Tuple, Union, cast
 from urllib.parse import parse_qsl, quote, urlencode
 
 import redis
@@ -132,20 +132,22 @@ def _b(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+_HANDED_OUT = object()  # a lease's record after load_locked: read again from Redis
+
+
 class _Lease:
     """A lock this process holds: its Redis key, its token, and whether renewal found it lost.
 
-    ``record`` is the session read together with the lock, served to the first ``load``.
+    ``record`` is the session read together with the lock, for ``load_locked``.
     """
 
-    __slots__ = ("lock_key", "token", "lost", "record", "prefetched")
+    __slots__ = ("lock_key", "token", "lost", "record")
 
     def __init__(self, lock_key: bytes, token: bytes, record: Optional[bytes]) -> None:
         self.lock_key = lock_key
         self.token = token
         self.lost = False
-        self.record = record
-        self.prefetched = True
+        self.record: Any = record  # or _HANDED_OUT once load_locked returned it
 
 
 class RedisStore(Store):
@@ -291,11 +293,14 @@ class RedisStore(Store):
 
     # -- the Store protocol -------------------------------------------------------------
 
+    def load_locked(self, key: str, token: Any) -> Optional[bytes]:
+        """The record the lock script read a moment ago (a re-entered lock has none: read it)."""
+        if isinstance(token, _Lease) and token.record is not _HANDED_OUT:
+            record, token.record = token.record, _HANDED_OUT
+            return cast(Optional[bytes], record)
+        return self.load(key)
+
     def load(self, key: str) -> Optional[bytes]:
-        lease = self._held_lease(key)
-        if lease is not None and lease.prefetched:  # read by the lock script a moment ago
-            lease.prefetched = False
-            return lease.record
         try:
             value = self.client.get(self._session_key(key))
         except redis.RedisError as exc:
@@ -309,8 +314,6 @@ class RedisStore(Store):
         """Write ``record`` if the stored value is still ``previous`` and our lock still holds."""
         lease = self._held_lease(key)
         self._check_lease(lease, key)
-        if lease is not None:
-            lease.prefetched = False
         px = 0 if ttl is None else max(1, int(math.ceil(ttl * 1000)))
         args = [lease.token if lease else b"", b"0" if previous is None else b"1",
                 previous or b"", record, str(px).encode()]
@@ -328,8 +331,6 @@ class RedisStore(Store):
         """
         lease = self._held_lease(key)
         self._check_lease(lease, key)
-        if lease is not None:
-            lease.prefetched = False
         args = [lease.token if lease else b"", b"0" if previous is None else b"1", previous or b""]
         try:
             result = self._delete_script(keys=[self._session_key(key), self._lock_key(key)], args=args)
