@@ -118,12 +118,18 @@ class _Handle:
         if self.state != _LOADED or self.pid != current_pid():
             self.state = _CLOSED
             return
+        key = cast(str, self.key)
         try:
-            if success or self.manager.save_on_error:
-                self._commit()
-        finally:
+            record = self._commit() if success or self.manager.save_on_error else None
+        except BaseException:
             self.state = _CLOSED
-            self.store.release(cast(str, self.key), self.token)
+            self.store.release(key, self.token)
+            raise
+        self.state = _CLOSED
+        if record is None:
+            self.store.release(key, self.token)
+        else:  # one call: a store may write and unlock in one round trip
+            self.store.save_and_release(key, record, previous=self.raw, ttl=self.manager.ttl, token=self.token)
 
     def abandon(self) -> None:
         """Release the lock without saving (the handler's outcome is unknown)."""
@@ -132,17 +138,17 @@ class _Handle:
             self.store.release(cast(str, self.key), self.token)
         self.state = _CLOSED
 
-    def _commit(self) -> None:
+    def _commit(self) -> Optional[bytes]:
+        """The record to save, or ``None`` when nothing changed (a dropped session is deleted here)."""
         m, key = self.manager, cast(str, self.key)
         plain = self.data if m.dataclass is None else to_plain(self.data)
         text = encode_data(plain, key, self.where)
         if text == self.baseline:
             if self.deleted and self.raw is not None:
                 self.store.delete(key, previous=self.raw)
-            return
+            return None
         check_round_trip(plain, text, key, self.where)
-        record = build_record(key, text, m.version, time.time())
-        self.store.save(key, record, previous=self.raw, ttl=m.ttl)
+        return build_record(key, text, m.version, time.time())
 
 
 class _Frame:

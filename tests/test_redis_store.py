@@ -131,6 +131,54 @@ def test_the_lock_script_reads_the_session_so_a_handler_costs_one_round_trip_les
         store.release("absent", token)
 
 
+def _calls(raw, command: str) -> int:
+    return int(raw.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_an_increment_takes_two_round_trips_and_leaves_no_lock(store, raw):
+    from telesession import Sessions
+
+    sessions = Sessions(store, initial=lambda: {"n": 0})
+    with sessions.open("k") as s:
+        s["n"] += 1  # creates it: warms the script cache too
+    before = {c: _calls(raw, c) for c in ("evalsha", "get", "set", "del")}
+    gets_before = before["get"]
+    with sessions.open("k") as s:
+        s["n"] += 1
+    assert _calls(raw, "evalsha") - before["evalsha"] == 2  # lock+read, then write+unlock
+    assert _calls(raw, "set") - before["set"] == 2 and _calls(raw, "del") - before["del"] == 1  # inside them
+    assert _calls(raw, "get") - gets_before == 3  # 1 in the lock script, 2 in the write: no GET of its own
+    assert raw.exists(store.prefix + "l:k") == 0
+    with sessions.open("k") as s:
+        assert s["n"] == 2
+
+
+def test_a_conflicting_write_and_unlock_raises_and_still_unlocks(store, raw):
+    from telesession import Sessions
+
+    sessions = Sessions(store, initial=lambda: {"n": 0})
+    with pytest.raises(ConflictError, match="changed by another writer"):
+        with sessions.open("k") as s:
+            raw.set(store.prefix + "s:k", b"written behind our back")
+            s["n"] = 1
+    assert raw.exists(store.prefix + "l:k") == 0
+    assert raw.get(store.prefix + "s:k") == b"written behind our back"  # nothing overwritten
+    token = store.acquire("k", 0)  # free again at once, here and in Redis
+    store.release("k", token)
+
+
+def test_a_retried_write_and_unlock_whose_first_reply_was_lost_succeeds(store, raw):
+    token = store.acquire("k", 1)
+    args = store._save_args(token, b"new", None, None, release=True)
+    keys = [store.prefix + "s:k", token.lock_key]
+    assert store._save_script(keys=keys, args=args) == 1
+    assert raw.exists(store.prefix + "l:k") == 0  # the lock went with the write
+    assert store._save_script(keys=keys, args=args) == 1  # the retry finds its own record: done
+    other = store._save_args(token, b"other", b"new", None, release=True)
+    assert store._save_script(keys=keys, args=other) == -1  # a different record: the lock is gone
+    store.release("k", token)
+
+
 def test_a_session_written_through_another_store_object_is_never_served_stale(redis_store_url):
     from telesession import Sessions
 

@@ -8,8 +8,8 @@ A backend implements ``load``, ``save``, ``delete``, ``keys`` and ``describe``,
 and names its ``location``.  Locking comes from the base class: among threads
 by ``telesession.locking.KeyLocks`` shared by every store object on the same
 location; a backend that is shared between processes adds its own exclusion by
-overriding ``_lock_external`` and ``_unlock_external`` (and, if taking its lock can
-read the record in the same round trip, ``load_locked``).
+overriding ``_lock_external`` and ``_unlock_external`` (and, where the lock and the
+record can travel in one round trip, ``load_locked`` and ``save_and_release``).
 """
 import abc
 import time
@@ -107,6 +107,15 @@ class Store(abc.ABC):
         """``load`` right after ``acquire`` returned ``token``: a store whose lock call already
         read the record (Redis) returns that copy instead of asking again."""
         return self.load(key)
+
+    def save_and_release(self, key: str, record: bytes, *, previous: Optional[bytes], ttl: Optional[float],
+                         token: Any) -> None:
+        """``save``, then ``release`` whatever happened: how a handler's scope ends.  A store
+        that can write and unlock in one round trip (Redis) overrides it."""
+        try:
+            self.save(key, record, previous=previous, ttl=ttl)
+        finally:
+            self.release(key, token)
 
     def release(self, key: str, token: Any) -> None:
         """Give back a lock taken with ``acquire``."""

@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, Dict, Hashable, Iterator, Optional, Tuple, Union, cast
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple, Union, cast
 from urllib.parse import parse_qsl, quote, urlencode
 
 import redis
@@ -74,24 +74,32 @@ return result
 """
 
 # KEYS[1] session, KEYS[2] lock; ARGV token ('' = not held, no check), has_previous,
-# previous, record, ttl ms ('0' = none).  1 written, -1 lock lost, -2 record changed.
-# Writing the very record already stored succeeds (a retried call whose reply was lost).
+# previous, record, ttl ms ('0' = none), release ('1': delete our lock too, whatever the
+# outcome).  1 written, -1 lock lost, -2 record changed.  Writing the very record already
+# stored succeeds (a retried call whose reply was lost, even if that call released the lock).
 _SAVE = """
-if ARGV[1] ~= '' and redis.call('get', KEYS[2]) ~= ARGV[1] then return -1 end
+if ARGV[1] ~= '' and redis.call('get', KEYS[2]) ~= ARGV[1] then
+  if ARGV[6] == '1' and redis.call('get', KEYS[1]) == ARGV[4] then return 1 end
+  return -1
+end
 local current = redis.call('get', KEYS[1])
+local result = 1
 if current ~= ARGV[4] then
   if ARGV[2] == '1' then
-    if current ~= ARGV[3] then return -2 end
+    if current ~= ARGV[3] then result = -2 end
   elseif current then
-    return -2
+    result = -2
   end
 end
-if ARGV[5] ~= '0' then
-  redis.call('set', KEYS[1], ARGV[4], 'PX', ARGV[5])
-else
-  redis.call('set', KEYS[1], ARGV[4])
+if result == 1 then
+  if ARGV[5] ~= '0' then
+    redis.call('set', KEYS[1], ARGV[4], 'PX', ARGV[5])
+  else
+    redis.call('set', KEYS[1], ARGV[4])
+  end
 end
-return 1
+if ARGV[6] == '1' then redis.call('del', KEYS[2]) end
+return result
 """
 
 # KEYS[1] session, KEYS[2] lock; ARGV token ('' = no check), has_previous, previous.
@@ -314,14 +322,40 @@ class RedisStore(Store):
         """Write ``record`` if the stored value is still ``previous`` and our lock still holds."""
         lease = self._held_lease(key)
         self._check_lease(lease, key)
-        px = 0 if ttl is None else max(1, int(math.ceil(ttl * 1000)))
-        args = [lease.token if lease else b"", b"0" if previous is None else b"1",
-                previous or b"", record, str(px).encode()]
         try:
-            result = self._save_script(keys=[self._session_key(key), self._lock_key(key)], args=args)
+            result = self._save_script(keys=[self._session_key(key), self._lock_key(key)],
+                                       args=self._save_args(lease, record, previous, ttl, release=False))
         except redis.RedisError as exc:
             raise self._error(exc, key, "writing") from exc
         self._check_result(result, lease, key, "nothing was overwritten")
+
+    def save_and_release(self, key: str, record: bytes, *, previous: Optional[bytes], ttl: Optional[float],
+                         token: Any) -> None:
+        """Write and give the lock back in one round trip (the script deletes our lock either way)."""
+        self._proc_state()
+        if not isinstance(token, _Lease) or token.lost or self._leases.get(key) is not token:
+            super().save_and_release(key, record, previous=previous, ttl=ttl, token=token)
+            return
+        try:
+            result = self._save_script(keys=[self._session_key(key), token.lock_key],
+                                       args=self._save_args(token, record, previous, ttl, release=True))
+        except BaseException as exc:
+            self.release(key, token)  # did it run?  Give the lock back if it is still ours
+            if isinstance(exc, redis.RedisError):
+                raise self._error(exc, key, "writing") from exc
+            raise
+        with self._cond:  # the script deleted the lock: only this process's bookkeeping is left
+            if self._leases.get(key) is token:
+                del self._leases[key]
+        Store.release(self, key, True)
+        self._check_result(result, token, key, "nothing was overwritten")
+
+    @staticmethod
+    def _save_args(lease: Optional[_Lease], record: bytes, previous: Optional[bytes], ttl: Optional[float],
+                   release: bool) -> List[bytes]:
+        px = 0 if ttl is None else max(1, int(math.ceil(ttl * 1000)))
+        return [lease.token if lease else b"", b"0" if previous is None else b"1", previous or b"", record,
+                str(px).encode(), b"1" if release and lease else b"0"]
 
     def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
         """Remove the value; with ``previous``, only if it is still that record.
