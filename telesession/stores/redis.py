@@ -16,6 +16,8 @@ compare-and-delete (never another holder's lock), and kept alive by one daemon t
 per store that extends every held lease each ``lease / 3`` seconds.  Saves and deletes
 are Lua compare-and-set: they write only while the stored record is still the one
 loaded and the lock token is still ours; otherwise ``ConflictError``, nothing written.
+The save that ends a handler deletes the lock in the same script (``save_and_release``),
+so an update costs two round trips.
 """
 import logging
 import math
