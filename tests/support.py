@@ -94,3 +94,25 @@ def increments_in_child(url_or_store: Any, key: str, times: int, barrier: Any) -
         increment(store, key)
         increment(store, f"spread-{i % 8}")  # writers of different keys run in parallel
     store.close()
+
+
+#: The start of a ``python -c`` script (argv[2]: n) that SIGKILLs itself just before the n-th
+#: file operation made while ``armed`` is true, counting them in ``seen`` (audit hooks: this
+#: does not depend on how a store or the dbm module under it is written).
+KILL_BEFORE_FILE_OPERATION = r"""
+import os, signal, sys
+
+kill_at = int(sys.argv[2])
+EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.chmod", "os.truncate", "os.mkdir",
+          "os.link", "os.symlink", "os.utime", "shutil.move"}
+seen = []
+armed = False
+
+def hook(event, args):
+    if armed and event in EVENTS:
+        seen.append(event)
+        if len(seen) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+"""

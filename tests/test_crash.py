@@ -22,6 +22,8 @@ from telesession import Sessions
 from telesession.errors import LockTimeout, SessionError
 from telesession.stores import from_url
 
+from support import KILL_BEFORE_FILE_OPERATION  # noqa: E402  (tests/ is on sys.path)
+
 KEYS = ["hot", "-1001234567890", "ключ/../x"]
 KILLS = 25
 MIN_KILLS = 20
@@ -178,24 +180,11 @@ def test_sigkill_at_random_moments_never_loses_tears_or_locks(kind, tmp_path):
 # independent of how a store or the dbm module under shelve is written.  The contract: after
 # each crash "hot" is its old or its new value, "other" is untouched, and the store works.
 
-TRAP = r"""
-import os, signal, sys
+TRAP = KILL_BEFORE_FILE_OPERATION + r"""
 from telesession import Sessions
 from telesession.stores import from_url
 
-url, kill_at = sys.argv[1], int(sys.argv[2])
-EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.chmod", "os.truncate", "os.mkdir",
-          "os.link", "os.symlink", "os.utime", "shutil.move"}
-seen = []
-armed = False
-
-def hook(event, args):
-    if armed and event in EVENTS:
-        seen.append(event)
-        if len(seen) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sys.addaudithook(hook)
+url = sys.argv[1]
 sessions = Sessions(from_url(url))
 with sessions.open("hot") as s:
     s["text"] = "b" * 10

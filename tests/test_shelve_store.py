@@ -23,6 +23,8 @@ from telesession.errors import CorruptSessionError
 from telesession.stores import ShelveStore
 from telesession.stores import shelf as shelf_module
 
+from support import KILL_BEFORE_FILE_OPERATION  # noqa: E402  (tests/ is on sys.path)
+
 fork = multiprocessing.get_context("fork")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -377,27 +379,14 @@ def test_two_store_objects_on_one_database_in_one_process_exclude_each_other(bas
 
 
 # ---- a crash at every file operation of a save that compacts ---------------------------------------
-# As in test_crash.py: an audit hook counts the file operations of one save, then the same save is
-# run once per operation and the process SIGKILLs itself just before the n-th.  Here the save is the
-# one that compacts the index, so the kills land inside the rewrite too.
+# As in test_crash.py (the same audit-hook trap from support.py): count the file operations of one
+# save, then run the same save once per operation and SIGKILL the process just before the n-th.
+# Here the save is the one that compacts the index, so the kills land inside the rewrite too.
 
-COMPACT_TRAP = r"""
-import os, signal, sys
+COMPACT_TRAP = KILL_BEFORE_FILE_OPERATION + r"""
 from telesession.stores import ShelveStore
 
-base, kill_at = sys.argv[1], int(sys.argv[2])
-EVENTS = {"open", "os.rename", "os.remove", "os.rmdir", "os.chmod", "os.truncate", "os.mkdir",
-          "os.link", "os.symlink", "os.utime", "shutil.move"}
-seen = []
-armed = False
-
-def hook(event, args):
-    if armed and event in EVENTS:
-        seen.append(event)
-        if len(seen) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sys.addaudithook(hook)
+base = sys.argv[1]
 store = ShelveStore(base)
 assert store.load("hot") == b"old"
 armed = True
