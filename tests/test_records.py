@@ -10,7 +10,7 @@ from telesession.records import build_record, parse_record, read_record
 def test_own_records_take_the_shortcut_and_agree_with_parse_record(key, data_json):
     raw = build_record(key, data_json, 3, 1764064000.123456)
     data, version, written, text = read_record(raw, key, "here")
-    assert text == data_json  # the data's own JSON: the baseline for change detection
+    assert text == data_json.encode()  # the data's own JSON bytes: the baseline for change detection
     assert (data, version, written) == parse_record(raw, key, "here")
 
 
