@@ -25,7 +25,6 @@ import dataclasses
 import json
 import json.scanner
 import math
-import re
 from typing import Any, Callable, Optional, Tuple, Union
 
 import msgspec
@@ -70,10 +69,6 @@ def _encode_key(key: str) -> bytes:
     except UnicodeEncodeError:
         return _std_encode_str(key).encode("utf-8", "surrogatepass")
 
-
-# The numbers build_record writes, as JSON spells them (int() and float() accept more: "007", "5.").
-_VERSION = re.compile(rb"0|[1-9][0-9]*")
-_WRITTEN = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
 
 #: Where a record lives, for error messages: a string, or a callable computing it only when needed.
 Where = Union[str, Callable[[], str]]
@@ -160,26 +155,32 @@ def build_record(key: str, data_json: Union[str, bytes], version: int, written: 
     return b'{"version":%d,"written":%.6f,"key":%b,"data":%b}' % (version, written, _encode_key(key), data_json)
 
 
-def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[bytes]]:
-    """``parse_record`` plus the data's JSON bytes (``None`` if the record is not in our own shape).
+class _Record(msgspec.Struct):
+    """A record as ``read_record`` reads it: the data left as raw JSON (decoded next), other fields ignored."""
 
-    A record exactly as ``build_record`` makes it for ``key`` is cut at its fixed
-    field boundaries and only its data is decoded: the data bytes double as the
-    baseline for change detection, so an unchanged session is never re-encoded to
-    compare.  Anything else goes through the full, strict ``parse_record``.
+    data: msgspec.Raw
+    version: int = 0
+    written: Optional[float] = None
+
+
+_decode_record = msgspec.json.Decoder(_Record).decode
+
+
+def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[bytes]]:
+    """``parse_record`` plus the data's JSON bytes as stored (``None`` if they could not be cut out).
+
+    The record is decoded with its data left raw, then only the data is decoded: the
+    data bytes double as the baseline for change detection, so an unchanged session
+    is never re-encoded to compare (a record written by another writer, with spaces,
+    is rewritten once the first time it is saved).  What ``msgspec`` cannot read this
+    way goes through the full ``parse_record``, which explains what is wrong.
     """
-    if raw[:11] == b'{"version":' and raw[-1:] == b"}":
-        w = raw.find(b',"written":', 11)
-        k = raw.find(b',"key":', w + 11)
-        d = raw.find(b',"data":', k + 7)  # the key before it is a JSON string: its quotes are escaped
-        if 11 < w < k < d:
-            version, written = raw[11:w], raw[w + 11:k]
-            if _VERSION.fullmatch(version) and _WRITTEN.fullmatch(written) and raw[k + 7:d] == _encode_key(key):
-                data_json = raw[d + 8:-1]
-                try:
-                    return _msgspec_decode(data_json), int(version), float(written), data_json
-                except (_DecodeError, RecursionError):
-                    pass  # the full parse below reads what it can and explains what is wrong
+    try:
+        record = _decode_record(raw)
+        data_json = bytes(record.data)
+        return _msgspec_decode(data_json), record.version, record.written, data_json
+    except (_DecodeError, RecursionError):
+        pass
     data, version_number, written_at = parse_record(raw, key, where)
     return data, version_number, written_at, None
 
