@@ -12,9 +12,12 @@ from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
 
 from .errors import NoActiveSession
 
-__all__ = ["SessionProxy", "session", "active_frames", "push", "remove"]
+__all__ = ["SessionProxy", "session", "active_frames", "push", "remove", "bind_only", "unbind_only"]
 
 _stack: ContextVar[Tuple[Any, ...]] = ContextVar("telesession_stack", default=())
+
+#: ``_Handle.state`` of a session that is loaded: its ``data`` can be used as it is.
+LOADED = 1
 
 UNBOUND = ("no session is active: decorate the handler with @with_session (or "
            "@sessions.with_session), call sessions.setup(bot), or use `with sessions.open(key):`")
@@ -37,11 +40,27 @@ def remove(frame: Any) -> None:
         _stack.set(tuple(f for f in stack if f is not frame))
 
 
+def bind_only(frame: Any) -> Tuple[Any, ...]:
+    """``push`` when no frame is bound: returns the stack to pass to ``unbind_only``."""
+    stack = (frame,)
+    _stack.set(stack)
+    return stack
+
+
+def unbind_only(frame: Any, stack: Tuple[Any, ...]) -> None:
+    """``remove`` of the frame that ``bind_only`` bound (cheap when the handler left the stack as it was)."""
+    if _stack.get() is stack:
+        _stack.set(())
+    else:
+        remove(frame)
+
+
 def _innermost() -> Any:
     stack = _stack.get()
     if not stack:
         raise NoActiveSession(UNBOUND)
-    return stack[-1].handle.value()
+    handle = stack[-1].handle
+    return handle.data if handle.state == LOADED else handle.value()
 
 
 class SessionProxy(MutableMapping):  # type: ignore[type-arg]
@@ -141,5 +160,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _InnermostProxy(SessionProxy):
+    """``session``: item access inlined (it runs on every ``session["x"]`` of every handler)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, item: Any) -> Any:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                return handle.data[item]
+        return _innermost()[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                handle.data[item] = value
+                return
+        _innermost()[item] = value
+
+
 #: The innermost active session of this thread.
-session: Any = SessionProxy(_innermost)
+session: Any = _InnermostProxy(_innermost)

@@ -27,16 +27,11 @@ ACQUIRED, REENTERED = 1, 2
 _get_ident = threading.get_ident
 
 
-class _Entry:
-    """A held key: created already locked by its owner, unregistered before it is unlocked."""
-
-    __slots__ = ("lock", "owner", "depth")
-
-    def __init__(self, owner: int) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.owner: Optional[int] = owner
-        self.depth = 1
+# A held key's entry: [lock, owner, depth].  The lock is created already taken by its owner
+# and the entry is unregistered before it is unlocked.  A list, not a class: it is made and
+# dropped on every update, and a list costs a fraction of an object with an ``__init__``.
+_LOCK, _OWNER, _DEPTH = 0, 1, 2
+_allocate_lock = threading.Lock
 
 
 class KeyLocks:
@@ -51,7 +46,7 @@ class KeyLocks:
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[str, _Entry] = {}
+        self._entries: Dict[str, list] = {}  # type: ignore[type-arg]
 
     def acquire(self, key: str, timeout: float) -> int:
         """Take ``key`` for this thread: ``ACQUIRED``, ``REENTERED`` (this thread held it already),
@@ -59,40 +54,47 @@ class KeyLocks:
         me = _get_ident()
         entries = self._entries
         entry = entries.get(key)
-        if entry is not None and entry.owner == me:
-            entry.depth += 1
+        if entry is None:
+            lock = _allocate_lock()
+            lock.acquire()
+            mine = [lock, me, 1]
+            entry = entries.setdefault(key, mine)
+            if entry is mine:
+                return ACQUIRED
+        elif entry[_OWNER] == me:
+            entry[_DEPTH] += 1
             return REENTERED
-        deadline = None
+        deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             if entry is None:
-                mine = _Entry(me)
+                lock = _allocate_lock()
+                lock.acquire()
+                mine = [lock, me, 1]
                 entry = entries.setdefault(key, mine)
                 if entry is mine:
                     return ACQUIRED
-            if deadline is None:
-                deadline = time.monotonic() + max(timeout, 0.0)
             remaining = max(deadline - time.monotonic(), 0.0)
-            if not entry.lock.acquire(timeout=remaining):
+            if not entry[_LOCK].acquire(timeout=remaining):
                 return 0
-            entry.lock.release()  # let the other waiters of this (now unregistered) entry go too
+            entry[_LOCK].release()  # let the other waiters of this (now unregistered) entry go too
             entry = entries.get(key)
 
     def release(self, key: str) -> None:
         """Give ``key`` back; its entry disappears, so the registry holds only held keys."""
         entry = self._entries.get(key)
-        if entry is None or entry.owner != _get_ident():
+        if entry is None or entry[_OWNER] != _get_ident():
             raise RuntimeError(f"key {key!r} is not held by this thread")
-        entry.depth -= 1
-        if entry.depth:
+        entry[_DEPTH] -= 1
+        if entry[_DEPTH]:
             return
-        entry.owner = None
+        entry[_OWNER] = None
         del self._entries[key]
-        entry.lock.release()
+        entry[_LOCK].release()
 
     def holds(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""
         entry = self._entries.get(key)
-        return entry is not None and entry.owner == _get_ident()
+        return entry is not None and entry[_OWNER] == _get_ident()
 
     def __len__(self) -> int:
         """Keys held right now (0 when idle: the registry does not grow)."""
@@ -100,7 +102,7 @@ class KeyLocks:
 
     def held(self) -> List[str]:
         """The keys held right now, by any thread."""
-        return [k for k, e in list(self._entries.items()) if e.owner is not None]
+        return [k for k, e in list(self._entries.items()) if e[_OWNER] is not None]
 
 
 def key_offset(key: str) -> int:

@@ -15,10 +15,13 @@ import logging
 import time
 from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Union, cast, overload
 
-from . import context, keys
+from msgspec import DecodeError
+
+from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import build_record, encode_json, from_plain, read_record, to_plain
+from .records import (RECORD, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
+                      encode_json, from_plain, read_record, to_plain)
 from .stores.base import Store
 
 __all__ = ["Sessions", "configure", "default_sessions", "with_session"]
@@ -28,7 +31,7 @@ logger = logging.getLogger("telesession")
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_UNLOADED, _LOADED, _CLOSED = 0, 1, 2
+_UNLOADED, _LOADED, _CLOSED = 0, context.LOADED, 2
 
 
 def _checked(key: str) -> str:
@@ -56,7 +59,7 @@ class _Handle:
         self.data: Any = None
         self.baseline: Optional[bytes] = None
         self.deleted = False
-        self.pid = current_pid()  # a forked child must not save or unlock its parent's session
+        self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:
         """The session object, loading it (under the lock) on first use."""
@@ -77,14 +80,20 @@ class _Handle:
 
     def load(self) -> None:
         """Lock the key and read its session (or start one from ``initial()``)."""
-        m, key, store = self.manager, cast(str, self.key), self.store
+        m, key, store = self.manager, self.key, self.store
+        assert key is not None
         self.token = store.acquire(key, m.lock_timeout)
         try:
             raw = store.load_locked(key, self.token)
             self.raw = raw
             data = data_json = None
             if raw is not None:
-                data, version, written, data_json = read_record(raw, key, self.where)
+                try:  # read_record's fast path, inlined: one decode of the record, one encode of its data
+                    record = _decode_record(raw)
+                    data, version, written = record.data, record.version, record.written
+                    data_json = _encode(data)
+                except (DecodeError, RecursionError, UnicodeEncodeError):
+                    data, version, written, data_json = read_record(raw, key, self.where)
                 if m.ttl is not None and written is not None and time.time() - written > m.ttl:
                     logger.debug("session %r expired (written %.0f s ago)", key, time.time() - written)
                     raw = None
@@ -115,10 +124,10 @@ class _Handle:
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
-        if self.state != _LOADED or self.pid != current_pid():
+        if self.state != _LOADED or self.pid != locking._pid:
             self.state = _CLOSED
             return
-        key = cast(str, self.key)
+        key: str = self.key  # type: ignore[assignment]  # (a loaded handle has a key; no cast() call here)
         try:
             record = self._commit() if success or self.manager.save_on_error else None
         except BaseException:
@@ -140,14 +149,25 @@ class _Handle:
 
     def _commit(self) -> Optional[bytes]:
         """The record to save, or ``None`` when nothing changed (a dropped session is deleted here)."""
-        m, key = self.manager, cast(str, self.key)
+        m = self.manager
+        key: str = self.key  # type: ignore[assignment]
         plain = self.data if m.dataclass is None else to_plain(self.data)
-        text = encode_json(plain, key, self.where)  # checked to read back equal, changed or not
+        # encode_json and build_record, inlined for the usual case: encoded, checked to read back
+        # equal (changed or not), and compared with what was loaded.
+        try:
+            text = _encode(plain)
+            if _decode(text) != plain:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
+            text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
         if text == self.baseline:
             if self.deleted and self.raw is not None:
                 self.store.delete(key, previous=self.raw)
             return None
-        return build_record(key, text, m.version, time.time())
+        try:
+            return RECORD % (m.version, time.time(), _encode(key), text)
+        except UnicodeEncodeError:
+            return build_record(key, text, m.version, time.time())
 
 
 class _Frame:
@@ -211,15 +231,43 @@ class _Scope:
 
 
 def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: Any, kwargs: Any) -> Any:
-    """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses."""
-    scope = _Scope(manager, manager.key_of(update))
-    scope.enter()
+    """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses.
+
+    With no session active in this thread (nothing to re-enter), an eagerly loaded session
+    skips the ``_Scope`` object and the search for an outer holder: the same steps, fewer calls.
+    """
+    key = manager.key_of(update)
+    if key is None or manager.lazy or context._stack.get():
+        scope = _Scope(manager, key)
+        scope.enter()
+        try:
+            result = func(update, *args, **kwargs)
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        scope.__exit__(None, None, None)
+        return result
+    handle = _Handle(manager, key)
+    handle.load()
+    frame = _Frame(manager, handle, None, True)
+    stack = (frame,)
+    bound = context._stack
+    bound.set(stack)
     try:
         result = func(update, *args, **kwargs)
-    except BaseException as exc:
-        scope.__exit__(type(exc), exc, exc.__traceback__)
+    except BaseException:
+        try:
+            handle.close(False)
+        finally:
+            context.unbind_only(frame, stack)
         raise
-    scope.__exit__(None, None, None)
+    try:
+        handle.close(True)
+    finally:
+        if bound.get() is stack:  # the handler left the stack as it found it (the usual case)
+            bound.set(())
+        else:
+            context.remove(frame)
     return result
 
 

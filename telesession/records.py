@@ -70,6 +70,9 @@ def _encode_key(key: str) -> bytes:
         return _std_encode_str(key).encode("utf-8", "surrogatepass")
 
 
+#: The layout of every record (``version``, ``written``, the key and the data as JSON).
+RECORD = b'{"version":%d,"written":%.6f,"key":%b,"data":%b}'
+
 #: Where a record lives, for error messages: a string, or a callable computing it only when needed.
 Where = Union[str, Callable[[], str]]
 
@@ -152,13 +155,17 @@ def build_record(key: str, data_json: Union[str, bytes], version: int, written: 
     """The bytes of a record whose data is the already encoded ``data_json``."""
     if isinstance(data_json, str):
         data_json = data_json.encode("utf-8", "surrogatepass")
-    return b'{"version":%d,"written":%.6f,"key":%b,"data":%b}' % (version, written, _encode_key(key), data_json)
+    try:
+        key_json = _msgspec_encode(key)
+    except UnicodeEncodeError:
+        key_json = _encode_key(key)
+    return RECORD % (version, written, key_json, data_json)
 
 
 class _Record(msgspec.Struct):
-    """A record as ``read_record`` reads it: the data left as raw JSON (decoded next), other fields ignored."""
+    """A record as ``read_record`` reads it (other fields, such as ``key``, are ignored)."""
 
-    data: msgspec.Raw
+    data: Any
     version: int = 0
     written: Optional[float] = None
 
@@ -167,19 +174,19 @@ _decode_record = msgspec.json.Decoder(_Record).decode
 
 
 def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[bytes]]:
-    """``parse_record`` plus the data's JSON bytes as stored (``None`` if they could not be cut out).
+    """``parse_record`` plus the data's compact JSON bytes (``None`` when the slow path was taken).
 
-    The record is decoded with its data left raw, then only the data is decoded: the
-    data bytes double as the baseline for change detection, so an unchanged session
-    is never re-encoded to compare (a record written by another writer, with spaces,
-    is rewritten once the first time it is saved).  What ``msgspec`` cannot read this
-    way goes through the full ``parse_record``, which explains what is wrong.
+    The whole record is decoded in one ``msgspec`` call and the data encoded again, which
+    is cheaper than cutting the stored data out and decoding it separately: those bytes are
+    the baseline for change detection (so a record written with spaces by another writer
+    is not rewritten unless its data changed).  What ``msgspec`` will not read this way goes
+    through the full ``parse_record``, which explains what is wrong.
     """
     try:
         record = _decode_record(raw)
-        data_json = bytes(record.data)
-        return _msgspec_decode(data_json), record.version, record.written, data_json
-    except (_DecodeError, RecursionError):
+        data = record.data
+        return data, record.version, record.written, _msgspec_encode(data)
+    except (_DecodeError, RecursionError, UnicodeEncodeError):
         pass
     data, version_number, written_at = parse_record(raw, key, where)
     return data, version_number, written_at, None
