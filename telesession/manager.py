@@ -20,7 +20,7 @@ from msgspec import DecodeError
 from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import (RECORD, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
+from .records import (RECORD_US, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
                       encode_json, from_plain, read_record, to_plain)
 from .stores.base import Store
 
@@ -165,7 +165,8 @@ class _Handle:
                 self.store.delete(key, previous=self.raw)
             return None
         try:
-            return RECORD % (m.version, time.time(), _encode(key), text)
+            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
+            return RECORD_US % (m.version, seconds, us, _encode(key), text)
         except UnicodeEncodeError:
             return build_record(key, text, m.version, time.time())
 
@@ -230,7 +231,7 @@ class _Scope:
         cast(_Frame, self.frame).close(exc_type is None)
 
 
-def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: Any, kwargs: Any) -> Any:
+def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args: Any, **kwargs: Any) -> Any:
     """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses.
 
     With no session active in this thread (nothing to re-enter), an eagerly loaded session
@@ -254,7 +255,7 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: 
     bound = context._stack
     bound.set(stack)
     try:
-        result = func(update, *args, **kwargs)
+        result = func(update, *args, **kwargs) if args or kwargs else func(update)
     except BaseException:
         try:
             handle.close(False)
@@ -347,10 +348,9 @@ class Sessions(Generic[T]):
     def with_session(self, func: F) -> F:
         """Decorate a handler: its first argument's session is loaded, bound and saved around it."""
 
-        @functools.wraps(func)
-        def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-            return _run(self, func, update, args, kwargs)
-
+        # A partial, not a nested function: calling it costs no Python frame of its own.
+        # update_wrapper sets __wrapped__, so inspect.signature (telebot uses it) sees func's.
+        wrapper = functools.update_wrapper(functools.partial(_run, self, func), func)
         return cast(F, wrapper)
 
     def open(self, key: str) -> "_Scope":
@@ -435,6 +435,6 @@ def with_session(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-        return _run(default_sessions(), func, update, args, kwargs)
+        return _run(default_sessions(), func, update, *args, **kwargs)
 
     return cast(F, wrapper)
