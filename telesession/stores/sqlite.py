@@ -94,8 +94,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
-        # One writer at a time in this process: threads queue here instead of in SQLite's
-        # busy handler, which sleeps in steps of milliseconds (other processes still do).
+        # One writer at a time: the threads of this process queue on this mutex, processes on
+        # the writer byte of the lock file (RangeLockFile.lock_writer), instead of colliding in
+        # SQLite, whose busy handler sleeps 1, 2, 5, 10... ms between retries.
         self._write_mutex = threading.Lock()
         self._closed = False
         self.lock_path = self.path + ".lock"
@@ -223,9 +224,14 @@ class SQLiteStore(Store):
         written = time.time()
         expires = None if ttl is None else written + ttl
         conn = self._conn(key)
+        lock_file = self._lock_file if self._lock_file_pid == current_pid() else self._process_lock_file(key)
         try:
             with self._write_mutex:
-                cur = self._write(conn, key, record, written, expires, previous)
+                lock_file.lock_writer()  # processes queue in the kernel, not in SQLite's sleeping busy handler
+                try:
+                    cur = self._write(conn, key, record, written, expires, previous)
+                finally:
+                    lock_file.unlock_writer()
             changed = cur.rowcount
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "writing") from exc
