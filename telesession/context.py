@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
 
 from .errors import NoActiveSession
 
-__all__ = ["SessionProxy", "session", "active_frames", "push", "remove", "bind_only", "unbind_only"]
+__all__ = ["SessionProxy", "HandleProxy", "session", "active_frames", "push", "remove", "bind_only", "unbind_only"]
 
 _stack: ContextVar[Tuple[Any, ...]] = ContextVar("telesession_stack", default=())
 
@@ -158,6 +158,32 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class HandleProxy(SessionProxy):
+    """The proxy of one opened session (``with sessions.open(key) as s``, the middleware's
+    ``data["session"]``): made on every update, so one slot instead of two bound methods."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: Any) -> None:  # pylint: disable=super-init-not-called
+        object.__setattr__(self, "_handle", handle)
+
+    def _resolve(self) -> Any:  # type: ignore[override]
+        handle = self._handle
+        return handle.data if handle.state == LOADED else handle.value()
+
+    def delete(self) -> None:
+        """Drop this session: it is deleted from the store after the handler returns."""
+        self._handle.delete()
+
+    def __getitem__(self, item: Any) -> Any:
+        handle = self._handle
+        return (handle.data if handle.state == LOADED else handle.value())[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        handle = self._handle
+        (handle.data if handle.state == LOADED else handle.value())[item] = value
 
 
 class _InnermostProxy(SessionProxy):

@@ -210,9 +210,10 @@ class _Scope:
         """Lock, load and bind; the handle of the (possibly re-entered) session."""
         m, key = self.manager, self.key
         handle = None
-        if key is not None:
+        frames = context._stack.get()
+        if key is not None and frames:  # (nothing to re-enter when no session is bound)
             location = m.store.location
-            for frame in reversed(context.active_frames()):
+            for frame in reversed(frames):
                 other = frame.handle
                 if other.key == key and other.state != _CLOSED and (
                         other.store is m.store or other.store.location == location):
@@ -223,8 +224,11 @@ class _Scope:
             handle = _Handle(m, key)
             if key is not None and not m.lazy:
                 handle.load()
-        self.frame = _Frame(m, handle, self.origin, self.owner)
-        context.push(self.frame)
+        self.frame = frame = _Frame(m, handle, self.origin, self.owner)
+        if frames:
+            context.push(frame)
+        else:
+            context._stack.set((frame,))
         return handle
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -392,7 +396,7 @@ class Sessions(Generic[T]):
         self._frame().handle.delete()
 
     def _proxy_for(self, handle: _Handle) -> Any:
-        return context.SessionProxy(handle.value, handle.delete)
+        return context.HandleProxy(handle)
 
     def _migrate(self, data: Any, version: int, key: str, where: Callable[[], str]) -> Any:
         if version > self.version:
