@@ -115,3 +115,32 @@ def test_records_are_the_bytes_json_would_write():
     assert text == json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     assert build_record('k"1', text, 2, 1764064000.5) == (
         b'{"version":2,"written":1764064000.500000,"key":"k\\"1","data":' + text + b"}")
+
+
+def test_records_written_by_the_json_module_are_read_and_not_rewritten_unless_changed(tmp_path):
+    from telesession.stores import JSONFileStore
+
+    store = JSONFileStore(str(tmp_path / "s"), fsync=False)
+    old = b'{"version": 0, "written": 1764064000.5, "key": "7", "data": {"big": 1e+16, "n": 1, "s": "\\u00e9"}}'
+    store.save("7", old)
+    sessions = Sessions(store)
+    with sessions.open("7") as s:
+        assert s["big"] == 1e16 and s["s"] == "\u00e9"  # read, nothing changed
+    assert store.load("7") == old  # so the other writer's bytes stay as they were
+    with sessions.open("7") as s:
+        s["n"] += 1
+    assert json.loads(store.load("7"))["data"] == {"big": 1e16, "n": 2, "s": "\u00e9"}
+
+
+def test_the_decorator_keeps_the_handler_s_name_and_signature():
+    import inspect
+
+    sessions = Sessions(MemoryStore())
+
+    def handler(message, data=None):
+        """Doc."""
+        return data
+
+    decorated = sessions.with_session(handler)
+    assert decorated.__name__ == "handler" and decorated.__doc__ == "Doc." and decorated.__wrapped__ is handler
+    assert inspect.signature(decorated) == inspect.signature(handler)  # telebot reads it for every update
