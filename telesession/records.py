@@ -60,6 +60,7 @@ def _make_std_decoder() -> Callable[[str], Any]:
 
 _std_decode = _make_std_decoder()
 _std_encode_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_std_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def _encode_key(key: str) -> bytes:
@@ -120,12 +121,17 @@ def encode_json(plain: Any, key: str, where: Where, root: str = "session") -> by
     a string, ``bytes`` base64), whether or not the session changed.
     """
     try:
-        text = _msgspec_encode(plain)
-        if _msgspec_decode(text) == plain:
+        try:
+            text = _msgspec_encode(plain)
+            same = _msgspec_decode(text) == plain
+        except UnicodeEncodeError:  # a lone surrogate: written as the json module always did
+            text = _std_encode(plain).encode("utf-8", "surrogatepass")
+            same = _std_decode(text.decode("utf-8", "surrogatepass")) == plain
+        if same:
             return text
         error: Optional[BaseException] = None
     except (TypeError, ValueError, OverflowError, RecursionError, _DecodeError) as exc:
-        error = exc  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        error = exc
     explained = _explain(plain, key, where, root)
     if explained is not None:
         raise explained from error
@@ -190,7 +196,7 @@ def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[
         data = record.data
         return data, record.version, record.written, _msgspec_encode(data)
     except (_DecodeError, RecursionError, UnicodeEncodeError):
-        pass
+        pass  # (UnicodeEncodeError: the data holds a lone surrogate, which msgspec will not write)
     data, version_number, written_at = parse_record(raw, key, where)
     return data, version_number, written_at, None
 
@@ -224,15 +230,7 @@ def _explain(value: Any, key: str, where: Where, root: str) -> Optional[Serializ
     while stack:
         node, path = stack.pop()
         problem = None
-        if isinstance(node, str):
-            if node.isascii():
-                continue
-            try:
-                node.encode("utf-8")
-                continue
-            except UnicodeEncodeError:
-                problem = "holds a lone surrogate, which UTF-8 (and so JSON text) cannot hold"
-        elif isinstance(node, bool) or node is None or isinstance(node, int):
+        if isinstance(node, (bool, str, int)) or node is None:
             continue
         elif isinstance(node, float):
             if not math.isfinite(node):
