@@ -147,21 +147,23 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
         """The current record of ``key``, read without a lock (a record is written atomically)."""
         return self._decode(key, self.store.load(key))
 
-    def _encode(self, key: str, state: Any, data: Any) -> Tuple[str, str]:
+    def _encode(self, key: str, state: Any, data: Any, data_json: Optional[str] = None) -> Tuple[str, str]:
         """``(state_json, data_json)``, refusing what would not read back exactly."""
         if not isinstance(data, dict):
             raise TypeError(f"the data of state {key!r} must be a dict, not {type(data).__name__}")
         where = self._where(key)
-        data_json = encode_data(data, key, where, "data")
+        if data_json is None:
+            data_json = encode_data(data, key, where, "data")
         check_round_trip(data, data_json, key, where, "data")
         state_json = encode_data(state, key, where, "state")
         check_round_trip(state, state_json, key, where, "state")
         return state_json, data_json
 
-    def _write(self, key: str, previous: Optional[bytes], state: Any, data: Any, token: Any) -> Optional[bytes]:
+    def _write(self, key: str, previous: Optional[bytes], state: Any, data: Any, token: Any,
+               data_json: Optional[str] = None) -> Optional[bytes]:
         """Save ``state``/``data`` over ``previous`` and release ``key`` (in every case); the new record."""
         try:
-            state_json, data_json = self._encode(key, state, data)
+            state_json, data_json = self._encode(key, state, data, data_json)
             if state is None and data_json == _EMPTY:  # nothing left to keep: no record
                 if previous is not None:
                     self.store.delete(key, previous=previous)
@@ -347,7 +349,7 @@ class _StateData:
         except BaseException:
             storage.store.release(key, self.token)
             raise
-        storage._write(key, record.raw, record.state, record.data, self.token)
+        storage._write(key, record.raw, record.state, record.data, self.token, data_json)
         return False
 
     # telebot's StateDataContext exposes these; some bots read them.
