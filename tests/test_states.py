@@ -346,3 +346,15 @@ def test_a_state_name_is_stored_as_json_in_the_session_record_format(tmp_path):
     record = json.loads(raw)
     assert record["key"] == f"{STATE_PREFIX}5:1:2:-:-" and record["data"] == {"state": "Form:age", "data": {}}
     assert record["version"] == 0 and abs(record["written"] - time.time()) < 3600
+
+
+def test_import_telesession_does_not_import_telebot_until_state_storage_is_used():
+    import subprocess
+    import sys
+
+    code = ("import sys, telesession; assert 'telebot' not in sys.modules, 'eager'; "
+            "telesession.StateStorage; assert 'telebot' in sys.modules; "
+            "from telebot.storage import StateStorageBase; "
+            "assert isinstance(telesession.StateStorage(), StateStorageBase)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
