@@ -332,25 +332,25 @@ class _StateData:
         blocks[key] = self
         return self.record.data
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.entered or self.outer is not None:
-            return False
+            return None
         self.entered = False
         storage, key, record = self.storage, self.key, self.record
         storage._open_blocks().pop(key, None)
         if exc_type is not None:
             storage.store.release(key, self.token)
-            return False  # the block's exception propagates; nothing was saved
+            return None  # the block's exception propagates; nothing was saved
         try:
             data_json = encode_data(record.data, key, storage._where(key), "data")
             if data_json == record.data_json:
                 storage.store.release(key, self.token)
-                return False
+                return None
         except BaseException:
             storage.store.release(key, self.token)
             raise
         storage._write(key, record.raw, record.state, record.data, self.token, data_json)
-        return False
+        return None
 
     # telebot's StateDataContext exposes these; some bots read them.
     @property

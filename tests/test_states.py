@@ -358,3 +358,30 @@ def test_import_telesession_does_not_import_telebot_until_state_storage_is_used(
             "assert isinstance(telesession.StateStorage(), StateStorageBase)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _increments_in_child(url: str, times: int, barrier) -> None:
+    bot = telebot.TeleBot(TOKEN, state_storage=StateStorage(url))
+    barrier.wait()
+    for _ in range(times):
+        with bot.retrieve_data(66, 66) as data:
+            data["n"] = data.get("n", 0) + 1
+    bot.current_states.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "json", "redis"])
+def test_retrieve_data_is_exact_across_processes(kind, tmp_path, request):
+    import multiprocessing
+
+    url = {"sqlite": f"sqlite:{tmp_path / 's.db'}", "json": f"json:{tmp_path / 'j'}"}.get(kind)
+    if url is None:
+        url = f"{request.getfixturevalue('redis_url')}?prefix=states-{os.urandom(4).hex()}:"
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    children = [ctx.Process(target=_increments_in_child, args=(url, 50, barrier)) for _ in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    assert [c.exitcode for c in children] == [0, 0, 0, 0]
+    assert StateStorage(url).get_data(66, 66, bot_id=BOT_ID) == {"n": 200}
