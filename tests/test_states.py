@@ -385,3 +385,21 @@ def test_retrieve_data_is_exact_across_processes(kind, tmp_path, request):
         child.join(120)
     assert [c.exitcode for c in children] == [0, 0, 0, 0]
     assert StateStorage(url).get_data(66, 66, bot_id=BOT_ID) == {"n": 200}
+
+
+def test_nothing_is_written_when_nothing_changed(state_url):
+    storage = StateStorage(state_url)
+    bot = telebot.TeleBot(TOKEN, state_storage=storage)
+    bot.set_state(4, "s", 4)
+    bot.add_data(4, 4, items=[1, {"a": None}], name="é")
+    key = storage.key(4, 4, bot_id=BOT_ID)
+    before = storage.store.load(key)
+    time.sleep(0.01)  # a write would carry a later "written" time
+    with bot.retrieve_data(4, 4) as data:
+        assert data == {"items": [1, {"a": None}], "name": "é"}
+    bot.set_state(4, "s", 4)
+    bot.add_data(4, 4, name="é")
+    assert storage.store.load(key) == before
+    with bot.retrieve_data(4, 4) as data:
+        data["items"].append(2)
+    assert storage.get_data(4, 4, bot_id=BOT_ID)["items"] == [1, {"a": None}, 2]
