@@ -361,10 +361,13 @@ class _StateData:
         storage._write(key, record.raw, record.state, record.data, self.token, data_json)
         return None
 
-    # telebot's StateDataContext exposes these; some bots read them.
     @property
     def data(self) -> Dict[str, Any]:
-        return self.record.data
+        """The data, as telebot's ``StateDataContext.data``: the block's own dict inside the
+        block, a fresh copy (read without the lock) outside it."""
+        if self.entered:
+            return self.outer.record.data if self.outer is not None else self.record.data
+        return self.storage._read(self.key).data
 
 
 # -- moving from telebot's StatePickleStorage ---------------------------------------------------

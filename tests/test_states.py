@@ -400,6 +400,7 @@ def test_nothing_is_written_when_nothing_changed(state_url):
     bot.set_state(4, "s", 4)
     bot.add_data(4, 4, name="é")
     assert storage.store.load(key) == before
+    assert bot.retrieve_data(4, 4).data["name"] == "é"  # telebot's StateDataContext.data, without `with`
     with bot.retrieve_data(4, 4) as data:
         data["items"].append(2)
     assert storage.get_data(4, 4, bot_id=BOT_ID)["items"] == [1, {"a": None}, 2]
