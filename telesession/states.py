@@ -186,7 +186,12 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
         return record
 
     def _update(self, key: str, change: Callable[[_Record], Optional[bool]]) -> bool:
-        """Under ``key``'s lock: load, apply ``change`` (``False``: nothing to write), save, release."""
+        """Under ``key``'s lock: load, apply ``change`` (``False``: nothing to write), save, release.
+
+        ``change`` mutates the record's data in place, so that a ``retrieve_data`` block this
+        thread holds open on the key gets the same change: the block sees it, and its own
+        save at the end keeps it.
+        """
         token = self.store.acquire(key, self.lock_timeout)
         try:
             record = self._decode(key, self.store.load_locked(key, token))
@@ -194,17 +199,19 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
             if change(record) is False:
                 self.store.release(key, token)
                 return False
-            unchanged = (record.state, encode_data(record.data, key, self._where(key), "data")) == before
+            data_json = encode_data(record.data, key, self._where(key), "data")
         except BaseException:
             self.store.release(key, token)
             raise
-        if unchanged:
+        if (record.state, data_json) == before:
             self.store.release(key, token)
-            return True
-        raw = self._write(key, record.raw, record.state, record.data, token)
+            raw = record.raw
+        else:
+            raw = self._write(key, record.raw, record.state, record.data, token, data_json)
         block = self._open_blocks().get(key)
-        if block is not None:  # this thread's open retrieve_data block on the key sees the write
-            block.record.raw, block.record.state = raw, record.state
+        if block is not None:
+            change(block.record)
+            block.record.raw = raw
         return True
 
     def _open_blocks(self) -> Dict[str, "_StateData"]:
@@ -243,8 +250,9 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
         finally:
             self.store.release(key, token)
         block = self._open_blocks().get(key)
-        if block is not None:
+        if block is not None:  # the open block starts from nothing too
             block.record.raw, block.record.state = None, None
+            block.record.data.clear()
         return raw is not None
 
     def set_data(self, chat_id: Any, user_id: Any, key: str, value: Any,
@@ -267,7 +275,7 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
         def change(record: _Record) -> Optional[bool]:
             if record.raw is None:
                 return False
-            record.data = {}
+            record.data.clear()
             return None
 
         return self._update(self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id), change)
@@ -282,7 +290,8 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
              message_thread_id: Optional[int] = None, bot_id: Optional[int] = None) -> bool:
         """Replace the data (keeping the state), under the key's lock."""
         def change(record: _Record) -> None:
-            record.data = copy.deepcopy(data)
+            record.data.clear()
+            record.data.update(copy.deepcopy(data))
 
         return self._update(self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id), change)
 
@@ -459,7 +468,9 @@ def import_pickle(storage: StateStorage, path: str, *, prefix: str = "telebot", 
             if record.raw is not None and mode != "overwrite":
                 counts["skipped"] += 1
                 return False
-            record.state, record.data = state, copy.deepcopy(data)
+            record.state = state
+            record.data.clear()
+            record.data.update(copy.deepcopy(data))
             counts["imported"] += 1
             return None
 

@@ -125,11 +125,32 @@ def test_the_block_holds_the_keys_lock(state_url):
         t.start()
         t.join()
         bot.set_state(9, "inside")  # the same thread re-enters the key
+        bot.add_data(9, 9, added=2)
+        assert data == {"mine": 1, "added": 2}  # the block sees what is written inside it
+        data["mine"] = 3
     assert isinstance(outcome[0], LockTimeout) and state_key(9, 9, bot_id=BOT_ID) in str(outcome[0])
     assert bot.get_state(9, 9) == "inside"  # the block's save kept the state set inside it
-    assert storage.get_data(9, 9, bot_id=BOT_ID) == {"mine": 1}
+    assert storage.get_data(9, 9, bot_id=BOT_ID) == {"mine": 3, "added": 2}
     impatient.set_data(9, 9, "x", 1, bot_id=BOT_ID)
-    assert storage.get_data(9, 9, bot_id=BOT_ID) == {"mine": 1, "x": 1}
+    assert storage.get_data(9, 9, bot_id=BOT_ID) == {"mine": 3, "added": 2, "x": 1}
+    with bot.retrieve_data(9, 9) as data:
+        bot.reset_data(9, 9)
+        assert data == {}
+        data["after_reset"] = True
+        with bot.retrieve_data(9, 9) as inner:  # re-entered: the same dict, saved by the outer block
+            assert inner is data
+            inner["inner"] = 1
+    assert storage.get_data(9, 9, bot_id=BOT_ID) == {"after_reset": True, "inner": 1}
+    with bot.retrieve_data(9, 9) as data:
+        bot.delete_state(9, 9)
+        assert data == {}
+    assert bot.get_state(9, 9) is None and list(storage.keys()) == []
+    with pytest.raises(ValueError):
+        with bot.retrieve_data(9, 9) as data:
+            bot.set_state(9, "kept")  # written at once, like outside a block
+            data["lost"] = 1
+            raise ValueError
+    assert bot.get_state(9, 9) == "kept" and storage.get_data(9, 9, bot_id=BOT_ID) == {}
 
 
 def test_states_survive_a_restart_of_the_bot(tmp_path):
