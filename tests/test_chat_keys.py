@@ -3,7 +3,6 @@ import json
 import logging
 import time
 
-import pytest
 import telebot
 from support import drain
 from telebot import types
