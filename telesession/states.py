@@ -173,15 +173,18 @@ class StateStorage(StateStorageBase):  # type: ignore[misc,valid-type]
         """Save ``state``/``data`` over ``previous`` and release ``key`` (in every case); the new record."""
         try:
             state_json, data_json = self._encode(key, state, data, data_json)
+            record: Optional[bytes] = None
             if state is None and data_json == _EMPTY:  # nothing left to keep: no record
                 if previous is not None:
                     self.store.delete(key, previous=previous)
-                self.store.release(key, token)
-                return None
-            record = build_record(key, '{"state":%s,"data":%s}' % (state_json, data_json), 0, time.time())
+            else:
+                record = build_record(key, '{"state":%s,"data":%s}' % (state_json, data_json), 0, time.time())
         except BaseException:
             self.store.release(key, token)
             raise
+        if record is None:
+            self.store.release(key, token)
+            return None
         self.store.save_and_release(key, record, previous=previous, ttl=self.ttl, token=token)
         return record
 
