@@ -8,6 +8,7 @@
     telesession migrate SRC_URL DST_URL [--overwrite] [--lock-timeout S]
     telesession purge-expired URL [--ttl S] [--lock-timeout S]
     telesession stats URL [--json]
+    telesession import-states URL FILE [--overwrite | --skip-existing] [--bot-id ID]
 
 Every write takes the key's lock first, exactly as a running bot's handler does, so
 the command and the bot never clobber each other.  Commands that only read (and
@@ -506,6 +507,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_states(args: argparse.Namespace) -> int:
+    """Copy the states of telebot's ``StatePickleStorage`` file into a ``StateStorage`` on URL."""
+    import pickle
+
+    from .states import StateStorage, import_pickle
+
+    mode = "overwrite" if args.overwrite else "skip" if args.skip_existing else "refuse"
+    with open_store(args.url, create=True) as store:
+        try:
+            counts = import_pickle(StateStorage(store, lock_timeout=args.lock_timeout), args.file,
+                                   prefix=args.prefix, separator=args.separator, bot_id=args.bot_id, mode=mode)
+        except (ValueError, pickle.UnpicklingError, EOFError) as exc:
+            raise CLIError(f"{args.file}: {exc}") from exc
+    extras = [f"{counts[k]} {k}" for k in ("unchanged", "skipped") if counts[k]]
+    _out(f"imported {_plural(counts['imported'], 'state')}" + (f" ({', '.join(extras)})" if extras else ""))
+    return 0
+
+
 def _digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
@@ -781,6 +800,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL")
     p.add_argument("--ttl", type=_positive_seconds, metavar="SECONDS",
                    help="age of the last write beyond which a session is deleted")
+
+    p = command("import-states", cmd_import_states,
+                "copy the states of telebot's StatePickleStorage file into a telesession.StateStorage",
+                [locking])
+    p.add_argument("url", metavar="URL")
+    p.add_argument("file", metavar="FILE", help="the StatePickleStorage file (e.g. .state-save/states.pkl)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing states with other values")
+    group.add_argument("--skip-existing", action="store_true", help="keep existing states, import the rest")
+    p.add_argument("--bot-id", type=int, help="the bot id for keys written without one")
+    p.add_argument("--prefix", default="telebot", help="the StatePickleStorage prefix (default: telebot)")
+    p.add_argument("--separator", default=":", help="the StatePickleStorage separator (default: :)")
 
     p = command("stats", cmd_stats, "number of sessions, total size, oldest and newest write")
     p.add_argument("url", metavar="URL")

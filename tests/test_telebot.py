@@ -236,7 +236,9 @@ def test_updates_without_a_chat_or_user_run_without_session(bot):
     ("chat_member", keys.by_user_in_chat, "-5:9"),
     ("chat_join_request", keys.by_chat, "-5"),
     ("message_reaction", keys.by_chat, "-5"),
-    ("business_message", keys.by_chat, "-5"),
+    ("business_message", keys.by_chat, "b:bc1:-5"),
+    ("business_message", keys.by_user, "b:bc1:9"),
+    ("deleted_business_messages", keys.by_chat, "b:bc1:-5"),
     ("poll", keys.by_chat, None),
 ])
 def test_key_strategies_on_every_update_kind(kind, strategy, expected):
