@@ -16,16 +16,24 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Protocol, Set, Tuple, Union
 
 from .updates import _MAX_BODY
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .api import FakeBotAPI
 
 __all__ = ["BotAPIError", "Call", "UploadedFile"]
 
 logger = logging.getLogger("telesession.testing")
+
+
+class _Backend(Protocol):
+    """What the server needs of ``FakeBotAPI`` (named here, so this module does not import it)."""
+
+    def _request_started(self) -> None: ...
+
+    def _request_finished(self) -> None: ...
+
+    def _handle(self, token: str, method: str, raw: Dict[str, Any],
+                files: Dict[str, "UploadedFile"]) -> Tuple[int, Dict[str, Any]]: ...
 
 
 class BotAPIError(Exception):
@@ -305,7 +313,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, api: "FakeBotAPI", address: Tuple[str, int]) -> None:
+    def __init__(self, api: _Backend, address: Tuple[str, int]) -> None:
         self.api = api
         self._conn_lock = threading.Lock()
         self._conns: Set[socket.socket] = set()
@@ -406,7 +414,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             api._request_finished()
 
-    def _process(self, api: "FakeBotAPI") -> Tuple[int, Dict[str, Any]]:
+    def _process(self, api: _Backend) -> Tuple[int, Dict[str, Any]]:
         parts = urllib.parse.urlsplit(self.path)
         body = self._read_body()
         match = _PATH_RE.match(parts.path)
