@@ -673,3 +673,39 @@ def test_wait_until_idle_composes_with_another_exec_task_wrapper(api: FakeBotAPI
         api.wait_until_idle()
         assert sorted(handled, key=int) == [str(i) for i in range(6)]
     assert marks and set(marks) == {"kept"}  # the wrapper saw the task's attributes either way
+
+
+@pytest.mark.parametrize("order", ["setup-first", "run_bot-first"])
+def test_wait_until_idle_with_sessions_setup_ordered(api: FakeBotAPI, order: str) -> None:
+    from telesession import Sessions, session
+
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=4, use_class_middlewares=True)
+    sessions = Sessions("memory://", initial=lambda: {"step": "", "name": ""})
+
+    @bot.message_handler(commands=["start"])
+    def start(message: types.Message) -> None:
+        session["step"] = "name"
+        bot.send_message(message.chat.id, "your name?")
+        time.sleep(0.05)
+        bot.register_next_step_handler(message, got_name)
+
+    def got_name(message: types.Message) -> None:  # next-step handlers bypass the middleware
+        with sessions.open(str(message.chat.id)) as s:
+            s["name"], s["step"] = message.text, "done"
+        bot.send_message(message.chat.id, "hello {}".format(message.text))
+
+    if order == "setup-first":
+        sessions.setup(bot, ordered=True)
+    with api.run_bot(bot):
+        if order == "run_bot-first":
+            sessions.setup(bot, ordered=True)
+        for chat in (11, 12, 13):
+            api.send_message(chat, "/start")
+        api.wait_until_idle()
+        for chat in (11, 12, 13):
+            api.send_message(chat, "N{}".format(chat))
+        api.wait_until_idle()
+    for chat in (11, 12, 13):
+        assert api.replies(chat) == ["your name?", "hello N{}".format(chat)]
+        with sessions.open(str(chat)) as s:
+            assert s == {"step": "done", "name": "N{}".format(chat)}
