@@ -28,7 +28,7 @@ class PortableLockFile:
     """
 
     def __init__(self, path: str, key_offset: Callable[[str], int]) -> None:
-        import filelock  # a required dependency, imported only when this backend is used
+        import filelock  # required (>=3.12: thread_local=False), imported only when this backend is used
 
         self._filelock = filelock
         self.path = path
