@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
+from conftest import PERSISTENT_KINDS, STORE_KINDS, _store_url
 from support import count_of, hold_key, increment, increment_in_process, increments_in_child
 
-from telesession import Sessions, session
+from telesession import Sessions, locking, session
+from telesession.locking_portable import PortableLockFile
 from telesession.errors import CorruptSessionError, LockTimeout, SerializationError
 from telesession.records import build_record
 from telesession.stores import from_url
@@ -19,6 +21,28 @@ HOSTILE_KEYS = ["../x", "/", "\\", ".", "..", "", "a/../../b", "C:\\evil", "кл
                 "é" * 300, "lock:x", "x", "%2F", "s:x", "~", " ", "\t\n", "-1001234567890:42"]
 
 fork = multiprocessing.get_context("fork")
+
+#: The file stores again, with the portable ``filelock`` backend forced (as on Windows).
+PORTABLE_KINDS = ["json+filelock", "shelve+filelock", "sqlite+filelock"]
+
+
+def _url_with_locks(request, kind: str, tmp_path, monkeypatch) -> str:
+    base, _, locks = kind.partition("+")
+    if locks:  # children inherit the environment, forked or spawned
+        monkeypatch.setenv(locking.LOCKS_ENV, locks)
+    return _store_url(request, base, tmp_path)
+
+
+@pytest.fixture(params=STORE_KINDS + PORTABLE_KINDS)
+def store_url(request, tmp_path, monkeypatch) -> str:
+    """conftest's stores of every kind, plus the file stores on the portable lock backend."""
+    return _url_with_locks(request, request.param, tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=PERSISTENT_KINDS + PORTABLE_KINDS)
+def shared_store_url(request, tmp_path, monkeypatch) -> str:
+    """conftest's shared stores, plus the file stores on the portable lock backend."""
+    return _url_with_locks(request, request.param, tmp_path, monkeypatch)
 
 
 def sessions_for(url: str, **options) -> Sessions:
@@ -139,7 +163,8 @@ def test_hostile_keys_stay_distinct_and_inside(store_url, tmp_path):
         created = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
         records = [p for p in created if p.endswith(".json")]
         assert len(records) == len(HOSTILE_KEYS)
-        assert all(os.path.dirname(p) == directory for p in created), created
+        lock_files = sessions.store.lock_path + ".d"  # the portable backend's, named by a hash of the key
+        assert all(os.path.dirname(p) in (directory, lock_files) for p in created), created
 
 
 def test_unserializable_value_leaves_store_unchanged(store_url):
@@ -230,3 +255,34 @@ def test_other_process_holding_a_key_times_out_then_a_killed_holder_frees_it(sha
         if holder.is_alive():
             holder.kill()
             holder.join()
+
+
+@pytest.mark.parametrize("kind", PORTABLE_KINDS)
+def test_forced_portable_backend_is_the_one_used(kind, tmp_path, monkeypatch):
+    url = _url_with_locks(None, kind, tmp_path, monkeypatch)
+    sessions = sessions_for(url)
+    with sessions.open("k") as s:
+        s["count"] += 1
+        lock_file = sessions.store._process_lock_file("k")
+        assert isinstance(lock_file, PortableLockFile)
+        held = lock_file.file_of(locking.key_offset("k"))
+        assert os.path.exists(held)  # the key's own lock file, beside the store's lock path
+        assert lock_file.directory == sessions.store.lock_path + ".d"
+
+
+def test_without_fcntl_the_portable_backend_is_chosen_never_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(locking, "fcntl", None)
+    monkeypatch.delenv(locking.LOCKS_ENV, raising=False)
+    assert locking.lock_backend() == "filelock"
+    assert isinstance(locking.range_lock_file_for(str(tmp_path / "x.lock")), PortableLockFile)
+    with pytest.raises(RuntimeError, match="record locks"):
+        locking.RangeLockFile(str(tmp_path / "y.lock"))
+    monkeypatch.setenv(locking.LOCKS_ENV, "posix")
+    with pytest.raises(RuntimeError, match="no POSIX record locks"):
+        locking.lock_backend()
+
+
+def test_unknown_lock_backend_is_refused(monkeypatch):
+    monkeypatch.setenv(locking.LOCKS_ENV, "flock")
+    with pytest.raises(ValueError, match="'flock' is not a lock backend"):
+        locking.lock_backend()

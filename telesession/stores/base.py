@@ -16,7 +16,7 @@ import time
 from typing import Any, Hashable, Iterator, Optional
 
 from ..errors import LockTimeout, StoreError
-from ..locking import (REENTERED, KeyLocks, RangeLockFile, current_pid, key_locks_for, key_offset,
+from ..locking import (REENTERED, KeyLocks, ProcessLockFile, current_pid, key_locks_for, key_offset,
                        range_lock_file_for)
 
 __all__ = ["Store"]
@@ -33,13 +33,14 @@ class Store(abc.ABC):
     conditional: bool = False
 
     #: Stores shared by processes on one host name a lock file: one byte of it per key
-    #: (``telesession.locking.RangeLockFile``).  ``None``: this process only, or a backend
+    #: (``telesession.locking.RangeLockFile``; ``PortableLockFile`` with ``filelock`` where
+    #: ``fcntl`` is missing or ``TELESESSION_LOCKS=filelock``).  ``None``: this process only, or a backend
     #: that overrides ``_lock_external`` (Redis).
     lock_path: Optional[str] = None
 
     _locks: Optional[KeyLocks] = None
     _locks_pid: int = -1
-    _lock_file: Optional[RangeLockFile] = None
+    _lock_file: Optional[ProcessLockFile] = None
     _lock_file_pid: int = -1
 
     # -- what a backend implements -------------------------------------------------------
@@ -149,7 +150,7 @@ class Store(abc.ABC):
             lock_file, offset = token
             lock_file.unlock_at(offset)
 
-    def _process_lock_file(self, key: Optional[str] = None) -> RangeLockFile:
+    def _process_lock_file(self, key: Optional[str] = None) -> ProcessLockFile:
         """This process's open ``lock_path``, looked up once per process, not per update."""
         if self._lock_file_pid != current_pid() or self._lock_file is None:
             try:

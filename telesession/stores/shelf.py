@@ -359,7 +359,7 @@ class ShelveStore(Store):
                 self._open_generic().close()
             for name in glob.glob(glob.escape(self.path) + "*"):  # files made by older versions or others
                 try:
-                    if not name.endswith(".lock") and os.stat(name).st_mode & 0o077:
+                    if not name.endswith((".lock", ".lock.d")) and os.stat(name).st_mode & 0o077:
                         os.chmod(name, 0o600)
                 except OSError:
                     pass

@@ -1,0 +1,69 @@
+"""Portable per-key exclusion among processes with ``filelock``: where POSIX record locks are missing.
+
+``telesession.locking.RangeLockFile`` locks one byte per key of a single file with
+``fcntl.lockf``, which Windows lacks.  ``PortableLockFile`` offers the same calls
+with one ``filelock.FileLock`` per key (``msvcrt`` on Windows, ``flock`` elsewhere)
+on a file of the directory ``PATH.d`` beside the store's lock file, named after
+the key's 62-bit hash; the store-wide lock is ``PATH.d/store.lock``.  Each acquire
+opens that file and each release closes it (about 0.2 ms), and the operating
+system drops the lock of a process that dies, as with record locks.
+
+``telesession.locking.range_lock_file_for`` picks this backend when ``fcntl`` is
+missing, or everywhere when the environment says ``TELESESSION_LOCKS=filelock``.
+Every process sharing a store must use the same backend: a record lock and a
+``filelock`` on different files do not exclude each other.
+"""
+import os
+import threading
+from typing import Any, Callable, Dict, Optional
+
+__all__ = ["PortableLockFile"]
+
+
+class PortableLockFile:
+    """Per-key exclusion among processes: one ``filelock.FileLock`` per key, held only while locked.
+
+    Threads are serialized per key by ``KeyLocks`` before they get here, so the
+    locks are not thread-local and a dict holds only the keys locked right now.
+    """
+
+    def __init__(self, path: str, key_offset: Callable[[str], int]) -> None:
+        import filelock  # required (>=3.12: thread_local=False), imported only when this backend is used
+
+        self._filelock = filelock
+        self.path = path
+        self.directory = path + ".d"
+        self._key_offset = key_offset
+        self._held: Dict[int, Any] = {}
+        self._mutex = threading.Lock()
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+
+    def file_of(self, offset: int) -> str:
+        """The lock file of ``offset`` (``0``: the whole-store lock)."""
+        name = "store.lock" if offset == 0 else "{:016x}.lock".format(offset)
+        return os.path.join(self.directory, name)
+
+    def acquire(self, key: Optional[str], timeout: float) -> bool:
+        """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
+        return self.lock_at(0 if key is None else self._key_offset(key), timeout)
+
+    def release(self, key: Optional[str]) -> None:
+        self.unlock_at(0 if key is None else self._key_offset(key))
+
+    def lock_at(self, offset: int, timeout: float) -> bool:
+        """Take the lock of ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds."""
+        lock = self._filelock.FileLock(self.file_of(offset), thread_local=False, mode=0o600)
+        try:
+            lock.acquire(timeout=max(timeout, 0.0), poll_interval=0.002)
+        except self._filelock.Timeout:
+            return False
+        with self._mutex:
+            self._held[offset] = lock
+        return True
+
+    def unlock_at(self, offset: int) -> None:
+        with self._mutex:
+            lock = self._held.pop(offset, None)
+        if lock is None:
+            raise RuntimeError("lock {} of {} is not held by this process".format(offset, self.path))
+        lock.release(force=True)
