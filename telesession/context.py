@@ -6,6 +6,7 @@ threads are reused, so nothing may stay behind.  Frames are removed by identity,
 not by ``ContextVar.reset``, because telebot runs middleware ``post_process``
 hooks in registration order, not in reverse.
 """
+import dataclasses
 import os
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
@@ -44,15 +45,41 @@ def _innermost() -> Any:
     return stack[-1].handle.value()
 
 
+_OWN = frozenset(("_resolve", "_delete", "__wrapped__"))
+
+
 class SessionProxy(MutableMapping):  # type: ignore[type-arg]
     """Stands for a session that is looked up on every use.
 
     Item access works for dict sessions, attribute access for dataclass sessions;
     ``delete()`` drops the whole session (removed from the store when the handler
     returns).  ``proxy.__wrapped__`` is the session object itself.
+
+    For a dataclass session every attribute is the session's own, so a field named
+    ``items``, ``get`` or ``keys`` is the field, not a mapping method; ``delete`` is
+    the field when the dataclass has one (then use ``sessions.delete_current()``),
+    and ``isinstance(proxy, YourClass)`` holds (``proxy.__class__`` is the session's).
     """
 
     __slots__ = ("_resolve", "_delete")
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _OWN:
+            return object.__getattribute__(self, name)
+        if name[:2] == "__" and name != "__class__":
+            return object.__getattribute__(self, name)
+        resolve = object.__getattribute__(self, "_resolve")
+        if name == "__class__":
+            try:
+                value = resolve()
+            except NoActiveSession:
+                return SessionProxy
+            return type(value) if dataclasses.is_dataclass(value) else SessionProxy
+        value = resolve()
+        if not dataclasses.is_dataclass(value) or (
+                name == "delete" and "delete" not in getattr(value, "__dataclass_fields__", ())):
+            return object.__getattribute__(self, name)
+        return getattr(value, name)
 
     def __init__(self, resolve: Callable[[], Any], delete: Optional[Callable[[], None]] = None) -> None:
         object.__setattr__(self, "_resolve", resolve)
