@@ -308,8 +308,8 @@ class Sessions(Generic[T]):
                              f"with a digit, such as 'session'")
         self.store: Store = store
         self.initial: Callable[[], T] = initial
-        self.dataclass: Optional[type] = (initial if isinstance(initial, type)
-                                          and dataclasses.is_dataclass(initial) else None)
+        #: The session's dataclass (typed sessions), or ``None`` for dict sessions.
+        self.dataclass: Optional[type] = _session_dataclass(initial)
         self.key = key
         self.name = name
         self.lock_timeout = float(lock_timeout)
@@ -531,6 +531,17 @@ class Sessions(Generic[T]):
 
 
 _EXPIRED = object()
+
+
+def _session_dataclass(initial: Callable[[], Any]) -> Optional[type]:
+    """The dataclass of the sessions ``initial`` makes, or ``None``: a dataclass itself, or a
+    factory returning instances of one (called once here to find out)."""
+    if isinstance(initial, type):
+        return initial if dataclasses.is_dataclass(initial) else None
+    sample = initial()
+    if dataclasses.is_dataclass(sample) and not isinstance(sample, type):
+        return type(sample)
+    return None
 
 
 def bot_id_of(bot: Any) -> int:

@@ -19,6 +19,7 @@ Dict sessions never come here: they keep the strict JSON rules of ``records``.
 """
 import dataclasses
 import logging
+import re
 import threading
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
@@ -167,19 +168,21 @@ def _first_difference(back: Any, value: Any, root: str) -> str:
     return root
 
 
+_AT = re.compile(r" - at (`key` in )?`\$([^`]*)`$")
+
+
 def _path(exc: msgspec.ValidationError, root: str) -> str:
     """``$.addrs[0].street`` in msgspec's message → ``session.addrs[0].street``."""
-    text = str(exc)
-    at = text.rfind(" - at `$")
-    if at < 0:
-        return root
-    return root + text[at + 8:].rstrip("`")
+    found = _AT.search(str(exc))
+    return root if found is None else root + found.group(2)
 
 
 def _reason(exc: msgspec.ValidationError) -> str:
     text = str(exc)
-    at = text.rfind(" - at `$")
-    return text if at < 0 else text[:at]
+    found = _AT.search(text)
+    if found is None:
+        return text
+    return text[:found.start()] + (" (in a key)" if found.group(1) else "")
 
 
 def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Tuple[Any, List[str]]:
@@ -202,7 +205,7 @@ def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Tuple[
         where = _where(where)
         path = _path(exc, "session")
         raise CorruptSessionError(
-            f"session {key!r} ({where}) does not match {cls.__name__}: field {path} {_reason(exc)}; "
+            f"session {key!r} ({where}) does not match {cls.__name__}: field {path}: {_reason(exc)}; "
             f"it was left untouched: add a migration (Sessions(version=..., migrations=...)) or fix "
             f"the record", key, where) from exc
     except (TypeError, ValueError) as exc:  # a __post_init__ that refused the values
