@@ -72,8 +72,9 @@ def session_class(cls: type) -> type:
 
 def _make_session_class(cls: type) -> type:
     names = field_names(cls)
-    base_setattr = cls.__setattr__
-    base_eq = cls.__eq__
+    ordered = [f.name for f in dataclasses.fields(cls) if f.compare]
+    base_setattr: Any = cls.__setattr__
+    compares = getattr(cls, "__dataclass_params__").eq
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         if name not in names:
@@ -83,11 +84,12 @@ def _make_session_class(cls: type) -> type:
         base_setattr(self, name, value)
 
     def __eq__(self: Any, other: Any) -> Any:
-        if isinstance(other, cls) and type(other) is not type(self):
-            # Compare as the user's class: a plain Order equals the session holding the same fields.
-            return all(getattr(self, n) == getattr(other, n) for n in names) if (
-                dataclasses.fields(other) == dataclasses.fields(self)) else NotImplemented
-        return base_eq(self, other)
+        # As the dataclass compares, but a plain instance of the user's class counts as the same class.
+        if not compares:
+            return self is other
+        if type(other) is not type(self) and type(other) is not cls:
+            return NotImplemented
+        return [getattr(self, n) for n in ordered] == [getattr(other, n) for n in ordered]
 
     namespace = {
         "__slots__": (),
@@ -140,7 +142,7 @@ def check_typed(value: Any, text: str, cls: type, key: str, where: Where, root: 
     and a tuple in a ``list`` field (it would silently come back a list).
     """
     try:
-        back = msgspec.json.decode(text, type=cls, strict=True)
+        back: Any = msgspec.json.decode(text, type=cls, strict=True)
     except msgspec.ValidationError as exc:
         where = _where(where)
         path = _path(exc, root)
@@ -200,7 +202,7 @@ def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Tuple[
             f"{type(data).__name__}, not an object of fields; it was left untouched: add a migration "
             f"(Sessions(version=..., migrations=...)) or fix the record", key, where)
     try:
-        value = msgspec.convert(data, cls, strict=True, str_keys=True)
+        value: Any = msgspec.convert(data, cls, strict=True, str_keys=True)
     except msgspec.ValidationError as exc:
         where = _where(where)
         path = _path(exc, "session")
