@@ -132,9 +132,11 @@ def test_sqlite_records_stream_in_pages(tmp_path):
     records = store.records("p:")
     first = next(records)
     assert first == ("p:00000", b"r")
-    store.save("p:00001", b"changed while iterating", previous=b"r")  # no read transaction held open
+    # Rows come in pages of 1,000, each its own query: a write made while iterating (no read
+    # transaction is held open, so it does not wait) shows in a later page.
+    store.save("p:01500", b"changed while iterating", previous=b"r")
     rest = list(records)
-    assert len(rest) == 2499 and rest[0] == ("p:00001", b"changed while iterating")
+    assert len(rest) == 2499 and rest[1499] == ("p:01500", b"changed while iterating")
     assert sum(1 for _ in store.keys("q:")) == 2500 and sum(1 for _ in store.keys()) == 5000
 
 
