@@ -432,3 +432,22 @@ def test_names_that_could_meet_another_namespace_are_refused():
     for name in ("a:b", "", "1st"):
         with pytest.raises(ValueError, match="name"):
             Sessions(name=name)
+
+
+def test_lazy_typed_sessions_give_a_proxy_that_behaves_as_the_class(tmp_path):
+    store = from_url(f"json:{tmp_path / 's'}")
+    sessions = Sessions(store, initial=Shadowing, lazy=True)
+    with sessions.open("1") as s:  # nothing read or locked yet
+        assert store.load("session:1") is None
+        s.items.append("x")  # first touch loads
+        assert isinstance(s, Shadowing) and s == Shadowing(items=["x"]) and s.get is False
+        with pytest.raises(AttributeError, match="typo"):
+            s.typo = 1
+    assert sessions.get("1") == Shadowing(items=["x"])
+
+
+def test_the_proxy_outside_a_session(tmp_path):
+    assert not isinstance(session, Order)  # no active session: the proxy is just a proxy
+    assert repr(session) == "<session (none active)>"
+    with pytest.raises(LookupError):
+        session.items
