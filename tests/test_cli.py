@@ -1,7 +1,7 @@
 """The ``telesession`` command, run as a user runs it: a child process on real stores in tmp_path.
 
-Sessions are created through the library (``Sessions.open``, or ``build_record`` + ``store.save``
-for records with a chosen write time); the command's exit status, stdout and stderr are checked.
+Sessions are created through the library (``build_record`` + ``store.save``) at the stored keys
+the command sees; its exit status, stdout and stderr are checked.
 """
 import json
 import os
@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from telesession import Sessions
 from telesession.records import build_record, encode_data, parse_record
 from telesession.stores import from_url
 
