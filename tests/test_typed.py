@@ -451,3 +451,20 @@ def test_the_proxy_outside_a_session(tmp_path):
     assert repr(session) == "<session (none active)>"
     with pytest.raises(LookupError):
         session.items
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    a: int = 0
+
+
+def test_frozen_dataclasses_and_hashes(tmp_path):
+    store = from_url(f"json:{tmp_path / 's'}")
+    store.save("session:1", build_record("session:1", '{"a":3}', 0, time.time()))
+    sessions = Sessions(store, initial=Frozen)
+    with sessions.open("1") as s:
+        assert s == Frozen(3) and hash(s) == hash(Frozen(3)) and {s: 1}[Frozen(3)] == 1
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            s.a = 4
+        sessions.delete_current()  # still deletable
+    assert sessions.get("1") is None
