@@ -47,9 +47,15 @@ def is_dataclass_type(value: Any) -> bool:
     return isinstance(value, type) and dataclasses.is_dataclass(value)
 
 
+_field_names: Dict[type, FrozenSet[str]] = {}
+
+
 def field_names(cls: type) -> FrozenSet[str]:
-    """The names of ``cls``'s dataclass fields (what a record of it may hold)."""
-    return frozenset(f.name for f in dataclasses.fields(cls))
+    """The names of ``cls``'s dataclass fields (what a record of it may hold), computed once."""
+    names = _field_names.get(cls)
+    if names is None:
+        names = _field_names[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def session_class(cls: type) -> type:
