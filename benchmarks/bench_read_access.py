@@ -9,12 +9,16 @@ written back) through ``Sessions.items()``, in µs per session, against the floo
 bare ``SELECT key, record FROM sessions`` over the same database (``sqlite3``, no
 decoding).  Dict sessions and typed (dataclass) sessions are both measured; another
 manager's sessions of the same size share the table, so the key-range scan is exercised.
+With a ``redis-server`` on PATH, the same over Redis against a bare ``SCAN`` + ``MGET``.
 Medians of several rounds; every figure comes from this run.
 """
 import dataclasses
 import os
+import shutil
+import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,7 +124,76 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
                      "target": f"≤ {TARGET_US:g} µs" if passed is not None else None,
                      "passed": passed, "note": note})
     store.close()
+    rows.extend(_redis_rows(n, min(rounds, 3), workdir))
     return rows
+
+
+def _redis_rows(n: int, rounds: int, workdir: str) -> List[Dict[str, Any]]:
+    """The same over Redis, on a redis-server of our own (no rows when there is none)."""
+    exe = shutil.which("redis-server")
+    try:
+        import redis
+    except ImportError:
+        return []
+    if exe is None:
+        return []
+    from telesession.stores import RedisStore
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                               "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(500):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        store = RedisStore(client, prefix="bench:")
+        now = time.time()
+        pipe = client.pipeline(transaction=False)
+        for name in ("session", "other"):
+            for i in range(n):
+                key = f"{name}:{i}"
+                data = '{"lang":"%s","count":%d,"tags":["a","b"]}' % ("de" if i % 3 == 0 else "en", i)
+                pipe.set(store._session_key(key), build_record(key, data, 0, now))
+                if len(pipe) >= 1000:
+                    pipe.execute()
+        pipe.execute()
+        sessions = Sessions(store)
+
+        def floor() -> int:
+            seen = 0
+            batch: List[bytes] = []
+            for name in client.scan_iter(match=b"bench:s:session:*", count=1000):
+                batch.append(name)
+                if len(batch) == 1000:
+                    seen += sum(1 for r in client.mget(batch) if r is not None)
+                    batch = []
+            if batch:
+                seen += sum(1 for r in client.mget(batch) if r is not None)
+            return seen
+
+        def items() -> int:
+            return sum(1 for _ in sessions.items())
+
+        assert floor() == items() == n
+        base = _median_us(floor, rounds)
+        value = _median_us(items, rounds)
+        store.close()
+        return [{"name": f"Redis SCAN + MGET ({n:,} keys)", "value": base, "unit": "µs/session",
+                 "compare_to": "", "ratio": None, "target": None, "passed": None,
+                 "note": "redis-py, batches of 1,000, no decoding: the floor"},
+                {"name": f"Sessions.items() on Redis ({n:,} sessions)", "value": value, "unit": "µs/session",
+                 "compare_to": "Redis SCAN + MGET", "ratio": value / base if base else None,
+                 "target": f"≤ {TARGET_US:g} µs", "passed": value <= TARGET_US,
+                 "note": "through RedisStore.records(prefix)"}]
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 if __name__ == "__main__":
