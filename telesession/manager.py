@@ -12,7 +12,9 @@ serialized form changed, never when the handler raised (unless
 import dataclasses
 import functools
 import logging
+import threading
 import time
+import weakref
 from typing import (Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union, cast,
                     overload)
 
@@ -321,6 +323,7 @@ class Sessions(Generic[T]):
         #: The bot this manager is bound to by ``setup``/``bind`` (its id), or ``None``.
         self.bot_id: Optional[int] = None
         self._namespace = f"{name}:"
+        _watch_namespace(self)
         self._current = context.SessionProxy(self._current_value, self._delete_current)
 
     # -- the public surface ---------------------------------------------------------
@@ -379,6 +382,7 @@ class Sessions(Generic[T]):
         self._check_bot(bot_id)
         self.bot_id = bot_id
         self._namespace = f"{bot_id}:{self.name}:"
+        _watch_namespace(self)
 
     def keys(self) -> Iterator[str]:
         """This manager's session keys (``"123"``, not the stored ``"session:123"``), streamed.
@@ -531,6 +535,34 @@ class Sessions(Generic[T]):
 
 
 _EXPIRED = object()
+
+# Live managers by (store location, namespace): two of them with different key functions
+# share sessions wherever their keys are equal (a private chat's id is its user's id).
+_namespaces: "weakref.WeakValueDictionary[Tuple[Any, str, int], Sessions[Any]]" = weakref.WeakValueDictionary()
+_namespaces_mutex = threading.Lock()
+
+
+def _watch_namespace(manager: "Sessions[Any]") -> None:
+    """Warn once when another live manager stores under the same namespace with another key function."""
+    try:
+        location = manager.store.location
+        hash(location)
+    except Exception:  # a store without a usable location: nothing to compare
+        return
+    with _namespaces_mutex:
+        others = [m for (loc, ns, _), m in list(_namespaces.items())
+                  if loc == location and ns == manager._namespace and m is not manager]
+        _namespaces[(location, manager._namespace, id(manager))] = manager
+    for other in others:
+        names = (getattr(other.key, "__name__", ""), getattr(manager.key, "__name__", ""))
+        if other.key is not manager.key and not any(str(n).startswith("prefixed(") for n in names):
+            # (keys.prefixed keys are kept apart by their prefix)
+            logger.warning(
+                "two managers store sessions under %r in %r with different key functions (%s, %s): "
+                "they share a session wherever their keys are equal (in a private chat the chat id is "
+                "the user id); give each its own name=", manager._namespace, manager.store,
+                getattr(other.key, "__name__", other.key), getattr(manager.key, "__name__", manager.key))
+            return
 
 
 def _session_dataclass(initial: Callable[[], Any]) -> Optional[type]:

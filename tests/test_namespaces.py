@@ -96,3 +96,18 @@ def test_unbound_managers_use_their_name(tmp_path):
     assert sorted(store.keys()) == ["cart:1", "profile:1"]
     assert carts.get("1") == {"items": ["tea"]} and profiles.get("1") == {"name": "Ann"}
     assert store.describe("cart:1").endswith("cart%3A1.json")  # a file per stored key
+
+
+def test_same_name_with_different_key_functions_is_warned_about(tmp_path, caplog):
+    from telesession import keys
+
+    url = f"sqlite:{tmp_path / 's.db'}"
+    chats = Sessions(url)
+    same = Sessions(url)  # another manager for the same sessions (a job, an admin tool): fine
+    assert "different key functions" not in caplog.text
+    users = Sessions(url, key=keys.by_user)  # by_chat and by_user meet in private chats
+    assert "different key functions" in caplog.text and "name=" in caplog.text
+    caplog.clear()
+    apart = Sessions(url, key=keys.by_user, name="user")  # its own name: no warning
+    assert "different key functions" not in caplog.text
+    assert chats and same and users and apart
