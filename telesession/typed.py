@@ -97,16 +97,29 @@ def _make_session_class(cls: type) -> type:
             return NotImplemented
         return [getattr(self, n) for n in ordered] == [getattr(other, n) for n in ordered]
 
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        # pickle and copy see the user's class: a copy is a plain instance of it.
+        return _rebuild, (cls, {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
     namespace = {
         "__slots__": (),
         "__setattr__": __setattr__,
         "__eq__": __eq__,
+        "__reduce_ex__": __reduce_ex__,
         "__hash__": cls.__hash__,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__doc__": cls.__doc__,
     }
     return type(cls.__name__, (cls,), namespace)
+
+
+def _rebuild(cls: type, values: Dict[str, Any]) -> Any:
+    """A plain instance of dataclass ``cls`` with these field values (how a session pickles)."""
+    plain = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(plain, name, value)
+    return plain
 
 
 def adopt(value: Any, cls: type) -> Any:

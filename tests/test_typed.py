@@ -468,3 +468,17 @@ def test_frozen_dataclasses_and_hashes(tmp_path):
             s.a = 4
         sessions.delete_current()  # still deletable
     assert sessions.get("1") is None
+
+
+def test_sessions_pickle_and_copy_as_their_class(tmp_path):
+    import copy
+    import pickle
+
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=Order)
+    with sessions.open("1") as s:
+        s.items.append("tea")
+        for clone in (pickle.loads(pickle.dumps(s)), copy.copy(s), copy.deepcopy(s)):
+            assert type(clone) is Order and clone == s
+        deep = copy.deepcopy(s)
+        deep.items.append("changed")
+        assert s.items == ["tea"]
