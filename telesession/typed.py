@@ -116,7 +116,7 @@ def _make_session_class(cls: type) -> type:
 
 def _rebuild(cls: type, values: Dict[str, Any]) -> Any:
     """A plain instance of dataclass ``cls`` with these field values (how a session pickles)."""
-    plain = object.__new__(cls)
+    plain: Any = object.__new__(cls)
     for name, value in values.items():
         object.__setattr__(plain, name, value)
     return plain
