@@ -132,6 +132,7 @@ class _Handle:
             reset_in_place(self.data, fresh)
         self.baseline = m._encode(fresh, cast(str, self.key), self.where)
         self.deleted = True
+        self.dropped = []
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
