@@ -27,13 +27,8 @@ logger = logging.getLogger("telesession")
 
 
 def _stored_key(sessions: Any, key: str) -> str:
-    """Where the manager stores the session of ``key`` (or, for a prefix, where such keys start).
-
-    The one place that knows the manager's namespace: a manager that maps keys to
-    stored keys (``stored_key``) is asked; otherwise the key is stored as is.
-    """
-    mapping = getattr(sessions, "stored_key", None)
-    return mapping(key) if callable(mapping) else key
+    """Where the manager stores the session of ``key`` (or, for a prefix, where such keys start)."""
+    return sessions._stored_key(key)  # the manager's one key -> stored key mapping (its namespace)
 
 
 def chat_keys(sessions: Any, chat_id: int) -> Iterator[str]:

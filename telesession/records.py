@@ -4,10 +4,11 @@ A record is one UTF-8 JSON object::
 
     {"version": 2, "written": 1764064000.123, "key": "123", "data": {"count": 7}}
 
-``data`` is the session (a dataclass session is stored as its fields),
+``data`` is the session (a dataclass session is stored as its fields, see ``telesession.typed``),
 ``version`` the schema version it was written with (``Sessions(version=...)``),
 ``written`` the Unix time of the write (what ``ttl`` measures from) and ``key``
-the session key, so a record is self-describing wherever it is found.
+the full stored key (with the manager's namespace, ``"session:123"``), so a record is
+self-describing wherever it is found.
 
 Values must survive a JSON round trip exactly: dicts with ``str`` keys, lists,
 ``str``, ``int``, finite ``float``, ``bool`` and ``None``.  Anything else (a
@@ -23,7 +24,7 @@ from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import CorruptSessionError, SerializationError
 
-__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "read_record", "to_plain", "from_plain"]
+__all__ = ["encode_data", "check_round_trip", "build_record", "parse_record", "read_record"]
 
 def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
@@ -81,34 +82,6 @@ Where = Union[str, Callable[[], str]]
 
 def _where(where: Where) -> str:
     return where if isinstance(where, str) else where()
-
-
-def to_plain(value: Any) -> Any:
-    """The JSON-able form of a session: a dataclass session becomes a dict of its fields."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return value
-
-
-def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Any:
-    """Rebuild a session of dataclass ``cls`` (or keep a plain value) from stored ``data``."""
-    if cls is None:
-        return data
-    where = _where(where)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    if not isinstance(data, dict) or set(data) - names:
-        extra = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
-        raise CorruptSessionError(
-            f"session {key!r} ({where}) does not match {cls.__name__}: unexpected {extra}; "
-            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
-            key, where)
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise CorruptSessionError(
-            f"session {key!r} ({where}) does not match {cls.__name__}: {exc}; "
-            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
-            key, where) from exc
 
 
 def encode_data(plain: Any, key: str, where: Where, root: str = "session") -> str:

@@ -181,30 +181,32 @@ def test_keys_that_hold_the_chat_id_with_more_after_it_move_too(tmp_path):
     moved = move_chat(per_user, -5, -1005)
     assert sorted(moved) == [("-5", "-1005"), ("-5:1", "-1005:1"), ("-5:2", "-1005:2")]
     assert move_chat(topics, -5, -1005) == [("t:-5", "t:-1005")]
-    assert sorted(store.keys()) == ["-1005", "-1005:1", "-1005:2", "-50:1", "t:-1005"]
+    assert sorted(store.keys()) == ["per_user:-1005", "per_user:-1005:1", "per_user:-1005:2",
+                                    "per_user:-50:1", "topics:t:-1005"]
     with per_user.open("-1005:2") as s:
         assert s == {"v": "-5:2"}
-    assert json.loads(store.load("-1005:1"))["key"] == "-1005:1"  # the record names its new key
+    assert json.loads(store.load("per_user:-1005:1"))["key"] == "per_user:-1005:1"  # names its new key
     assert move_chat(Sessions(store, key=keys.by_user), -50, -1050) == []  # no chat id in its keys
 
 
 def test_a_moved_session_keeps_its_version_and_write_time(tmp_path):
     store = from_url(f"json:{tmp_path / 'j'}")
     written = time.time() - 100
-    store.save("-6", build_record("-6", '{"n":1}', 2, written))
+    store.save("session:-6", build_record("session:-6", '{"n":1}', 2, written))
     sessions = Sessions(store, version=2, migrations={1: dict, 2: dict}, ttl=3600)
     assert move_chat(sessions, -6, -1006) == [("-6", "-1006")]
-    record = json.loads(store.load("-1006"))
+    record = json.loads(store.load("session:-1006"))
     assert record["version"] == 2 and abs(record["written"] - written) < 1e-3 and record["data"] == {"n": 1}
 
 
 def test_an_unreadable_session_is_not_moved_and_the_update_is_still_handled(tmp_path, caplog):
     sessions = Sessions(from_url(f"sqlite:{tmp_path / 's.db'}"))
-    sessions.store.save("-7", b"not json")
     bot = counting_bot(sessions)
+    old_key, new_key = sessions._stored_key("-7"), sessions._stored_key("-1007")
+    sessions.store.save(old_key, b"not json")
     with caplog.at_level(logging.ERROR, logger="telesession"):
         bot.process_new_updates(migration_updates(-7, -1007)[1:])
-    assert sessions.store.load("-7") == b"not json" and sessions.store.load("-1007") is None
-    assert any("could not be moved" in r.getMessage() and "'-7'" in r.getMessage() for r in caplog.records)
+    assert sessions.store.load(old_key) == b"not json" and sessions.store.load(new_key) is None
+    assert any("could not be moved" in r.getMessage() and "session:-7'" in r.getMessage() for r in caplog.records)
     bot.process_new_updates([update(message=message_dict("x", -1007, 9, chat_type="supergroup"))])
     assert stored(sessions, "-1007") == {"n": 1, "last_chat": -1007}

@@ -159,12 +159,12 @@ def test_a_conflicting_write_and_unlock_raises_and_still_unlocks(store, raw):
     sessions = Sessions(store, initial=lambda: {"n": 0})
     with pytest.raises(ConflictError, match="changed by another writer"):
         with sessions.open("k") as s:
-            raw.set(store.prefix + "s:k", b"written behind our back")
+            raw.set(store.prefix + "s:session:k", b"written behind our back")
             s["n"] = 1
-    assert raw.exists(store.prefix + "l:k") == 0
-    assert raw.get(store.prefix + "s:k") == b"written behind our back"  # nothing overwritten
-    token = store.acquire("k", 0)  # free again at once, here and in Redis
-    store.release("k", token)
+    assert raw.exists(store.prefix + "l:session:k") == 0
+    assert raw.get(store.prefix + "s:session:k") == b"written behind our back"  # nothing overwritten
+    token = store.acquire("session:k", 0)  # free again at once, here and in Redis
+    store.release("session:k", token)
 
 
 def test_a_retried_write_and_unlock_whose_first_reply_was_lost_succeeds(store, raw):

@@ -273,7 +273,7 @@ def test_states_and_sessions_share_a_store_without_colliding(tmp_path):
     with sessions.open("8") as s:
         assert s == {"seen": 3}
     assert storage.get_data(8, 8, bot_id=BOT_ID) == {"seen": 30}
-    assert sorted(store.keys()) == ["8", f"{STATE_PREFIX}{BOT_ID}:8:8:-:-"]
+    assert sorted(store.keys()) == [f"{BOT_ID}:session:8", f"{STATE_PREFIX}{BOT_ID}:8:8:-:-"]
 
 
 def test_unreadable_records_and_unstorable_values_are_errors_naming_key_and_place(tmp_path):

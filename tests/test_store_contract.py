@@ -157,7 +157,8 @@ def test_hostile_keys_stay_distinct_and_inside(store_url, tmp_path):
     for i, key in enumerate(HOSTILE_KEYS):
         with sessions.open(key) as s:
             assert s["count"] == i + 1, key
-    assert sorted(sessions.store.keys()) == sorted(HOSTILE_KEYS)
+    assert sorted(sessions.store.keys()) == sorted("session:" + k for k in HOSTILE_KEYS)
+    assert sorted(sessions.keys()) == sorted(HOSTILE_KEYS)
     directory = getattr(sessions.store, "directory", None)
     if directory is not None:  # a file per key: all of them directly inside the store's directory
         created = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
@@ -171,22 +172,23 @@ def test_unserializable_value_leaves_store_unchanged(store_url):
     sessions = sessions_for(store_url)
     with sessions.open("1"):
         session["count"] = 1
-    before = sessions.store.load("1")
+    before = sessions.store.load("session:1")
+    assert before is not None
     with pytest.raises(SerializationError, match=r'session\["cart"\]\[2\]'):
         with sessions.open("1"):
             session["count"] = 2
             session["cart"] = [1, 2, {3}]
-    assert sessions.store.load("1") == before
+    assert sessions.store.load("session:1") == before
 
 
 def test_corrupt_record_raises_and_is_not_overwritten(store_url):
     sessions = sessions_for(store_url)
-    sessions.store.save("bad", b"\x80not json{")
+    sessions.store.save("session:bad", b"\x80not json{")
     with pytest.raises(CorruptSessionError) as info:
         with sessions.open("bad"):
             session["count"] = 1
-    assert "'bad'" in str(info.value) and sessions.store.describe("bad") in str(info.value)
-    assert sessions.store.load("bad") == b"\x80not json{"
+    assert "'session:bad'" in str(info.value) and sessions.store.describe("session:bad") in str(info.value)
+    assert sessions.store.load("session:bad") == b"\x80not json{"
 
 
 def test_delete_and_keys(store_url):
@@ -196,22 +198,23 @@ def test_delete_and_keys(store_url):
             s["count"] = 1
     with sessions.open("b") as s:
         s.delete()
-    assert sorted(sessions.store.keys()) == ["a", "c"]
-    assert sessions.store.load("b") is None
+    assert sorted(sessions.store.keys()) == ["session:a", "session:c"]
+    assert sorted(sessions.keys()) == ["a", "c"]
+    assert sessions.store.load("session:b") is None
     sessions.store.delete("missing")  # no error
 
 
 def test_expiry_and_migration_work_on_every_store(store_url):
     store = from_url(store_url)
-    store.save("old", build_record("old", '{"n":4}', 0, time.time()))
-    store.save("stale", build_record("stale", '{"count":9,"lang":"x"}', 1, time.time() - 3600))
+    store.save("session:old", build_record("session:old", '{"n":4}', 0, time.time()))
+    store.save("session:stale", build_record("session:stale", '{"count":9,"lang":"x"}', 1, time.time() - 3600))
     sessions = Sessions(store, initial=lambda: {"count": 0, "lang": "en"}, ttl=60, version=1,
                         migrations={1: lambda d: {"count": d["n"], "lang": "en"}})
     with sessions.open("old") as s:
         assert s == {"count": 4, "lang": "en"}
     with sessions.open("stale") as s:
         assert s == {"count": 0, "lang": "en"}
-    assert json.loads(store.load("old"))["version"] == 1
+    assert json.loads(store.load("session:old"))["version"] == 1
 
 
 @pytest.mark.parametrize("kind", ["json", "shelve"])
@@ -239,7 +242,7 @@ def test_other_process_holding_a_key_times_out_then_a_killed_holder_frees_it(sha
     try:
         assert ready.wait(30)
         sessions = sessions_for(shared_store_url, lock_timeout=0.3)
-        with pytest.raises(LockTimeout, match="'k'"):
+        with pytest.raises(LockTimeout, match="'session:k'"):
             with sessions.open("k"):
                 pass
         with sessions.open("other"):

@@ -395,10 +395,10 @@ class RedisStore(Store):
             f"session {key!r} was changed by another writer since it was loaded "
             f"({self.describe(key)}); {outcome}", key, self.describe(key))
 
-    def keys(self) -> Iterator[str]:
-        """Every session key, by ``SCAN`` (never ``KEYS``), so Redis is not blocked."""
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every session key starting with ``prefix``, by ``SCAN`` (never ``KEYS``), so Redis is not blocked."""
         head = self._prefix + b"s:"
-        pattern = _glob_escape(head) + b"*"
+        pattern = _glob_escape(head + _b(prefix)) + b"*"
         try:
             for name in self.client.scan_iter(match=pattern, count=1000):
                 if isinstance(name, str):

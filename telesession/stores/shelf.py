@@ -407,7 +407,10 @@ class ShelveStore(Store):
                 entries = index.live()
                 self._rewrite(index, {k: v for k, v in entries.items() if k != kb})
 
-    def keys(self) -> Iterator[str]:
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        return iter([key for key in self._all_keys() if key.startswith(prefix)])
+
+    def _all_keys(self) -> Iterator[str]:
         with self._locked("list", None) as index:
             if not self._dumb:
                 with self._open_generic() as db:
