@@ -107,7 +107,8 @@ class PostgresStore(Store):
     never closes.  ``min_size``/``max_size``: the pool made from a DSN (one connection per
     key held at once, see the module docstring); ``timeout`` (seconds): how long an
     operation waits for a free connection; ``connect_timeout``: how long opening one may
-    take.  Other keyword ``options`` go to ``psycopg.connect``.
+    take.  ``create_table=False``: a missing table is a ``StoreError`` instead of being created.
+    Other keyword ``options`` go to ``psycopg.connect``.
 
     The server being down or restarting raises ``StoreError`` naming the key and the server
     (never the password); the pool reconnects by itself once the server is back.  Saves are
@@ -118,7 +119,7 @@ class PostgresStore(Store):
 
     def __init__(self, dsn_or_pool: Union[str, ConnectionPool], table: str = "telesession_sessions", *,
                  min_size: int = 1, max_size: int = 10, timeout: float = 10.0, connect_timeout: float = 5.0,
-                 **options: Any) -> None:
+                 create_table: bool = True, **options: Any) -> None:
         if isinstance(dsn_or_pool, str):
             conninfo, ours = self._split_url(dsn_or_pool)
             table = ours.get("table", table)
@@ -156,6 +157,7 @@ class PostgresStore(Store):
         if not table or "\x00" in table:
             raise ValueError(f"table={table!r}: not a table name")
         self.min_size, self.max_size, self.timeout = min_size, max_size, float(timeout)
+        self._create_table = create_table
         schema, _, name = table.rpartition(".")
         self.table = table
         self._ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
@@ -215,6 +217,8 @@ class PostgresStore(Store):
             self.address = f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
             target = self._ident.as_string(conn)
             exists = conn.execute("SELECT to_regclass(%s)", (target,)).fetchone()[0]  # type: ignore[index]
+            if exists is None and not self._create_table:
+                raise StoreError(f"no table {self.table} at {self.address}", None, self.address)
             if exists is None:
                 name = self.table.rpartition(".")[2]
                 index = sql.Identifier(f"{name[:40]}_expires_{hashlib.blake2b(self.table.encode(), digest_size=3).hexdigest()}")
@@ -236,6 +240,11 @@ class PostgresStore(Store):
             columns = dict(conn.execute(
                 "SELECT column_name, data_type FROM information_schema.columns "
                 "WHERE table_schema = %s AND table_name = %s", (schema, name)).fetchall())
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._putconn(conn)
+            raise StoreError(f"PostgreSQL refused to create or read table {self.table} at {self.address}: "
+                             f"{self._scrub_text(str(exc).strip())}; create it as shown in the PostgresStore "
+                             f"docs, or grant the privilege", None, self.address) from exc
         except psycopg.Error as exc:
             self._putconn(conn)
             raise self._error(exc, None, "opening") from exc
