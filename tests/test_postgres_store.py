@@ -101,7 +101,7 @@ def test_server_restart_mid_run_gives_store_errors_and_exact_totals():
         time.sleep(0.5)
         before = len(succeeded)
         server.stop()
-        time.sleep(0.5)
+        time.sleep(1.0)
         during = len(errors)
         server.start()
         deadline = time.monotonic() + 30
