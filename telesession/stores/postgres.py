@@ -143,7 +143,10 @@ class PostgresStore(Store):
         elif isinstance(dsn_or_pool, ConnectionPool):
             if options:
                 raise TypeError(f"options {sorted(options)} only apply when PostgresStore is given a DSN")
-            self._conninfo, self._kwargs = dsn_or_pool.conninfo, dict(dsn_or_pool.kwargs or {})
+            conninfo_given: Any = dsn_or_pool.conninfo  # psycopg_pool >= 3.3 also takes callables
+            kwargs_given: Any = dsn_or_pool.kwargs
+            self._conninfo = str(conninfo_given() if callable(conninfo_given) else conninfo_given)
+            self._kwargs = dict((kwargs_given() if callable(kwargs_given) else kwargs_given) or {})
             self._password = conninfo_to_dict(self._conninfo).get("password") or self._kwargs.get("password")
             min_size, max_size = dsn_or_pool.min_size, dsn_or_pool.max_size
             self._owns_pool = False
@@ -164,6 +167,7 @@ class PostgresStore(Store):
         self._pipelined = psycopg.Pipeline.is_supported()
         self._mutex = threading.Lock()
         self._closed = False
+        self._probed = -1e9  # when a direct connection last succeeded (see _getconn)
         self.address = "postgresql://?"
         self._pool_pid = current_pid()
         self._pool = dsn_or_pool if isinstance(dsn_or_pool, ConnectionPool) else self._new_pool()
@@ -310,7 +314,9 @@ class PostgresStore(Store):
         except PoolTimeout:
             conn = None
         if conn is None:
-            self._probe(key)
+            if time.monotonic() - self._probed > 1.0:  # at most one probe a second while connections are scarce
+                self._probe(key)
+                self._probed = time.monotonic()
             try:
                 conn = pool.getconn(timeout=max(timeout - 0.25, 0.05))
             except PoolTimeout:
@@ -526,6 +532,7 @@ class PostgresStore(Store):
         if prefix:
             self._check_key(prefix)
         end = _prefix_end(prefix) if prefix else None
+        params: Tuple[str, ...]
         if not prefix:
             q, params = self._sql["keys"], ()
         elif end is None:
@@ -574,10 +581,10 @@ class PostgresStore(Store):
         time); returns how many.  A key some handler holds right now is skipped."""
         import datetime
 
-        cutoff: Any = (datetime.datetime.now(datetime.timezone.utc) if now is None
-                       else datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
         if now is None:
             cutoff = self._run(None, "purging", lambda conn: conn.execute("SELECT now()").fetchone()[0])
+        else:
+            cutoff = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
         after: Tuple[Any, str] = (datetime.datetime(1, 1, 1, tzinfo=datetime.timezone.utc), "")
         purged = 0
         while True:
@@ -608,12 +615,13 @@ class PostgresStore(Store):
                 with self._pipeline(conn):
                     conn.execute(self._sql["begin"])
                     if timeout > 0:
-                        conn.execute(self._sql["lock_timeout"], (f"{max(1, int(remaining * 1000))}ms",))
+                        ms = max(1, int(remaining * 1000)) if remaining < 2_000_000 else 0  # 0: no limit
+                        conn.execute(self._sql["lock_timeout"], (f"{ms}ms",))
                         got = conn.execute(self._sql["lock"], (key, self._seed))
                     else:
                         got = conn.execute(self._sql["try_lock"], (key, self._seed))
                     cur = conn.execute(self._sql["load"], (key,), binary=True)
-                if timeout <= 0 and not got.fetchone()[0]:
+                if timeout <= 0 and not (got.fetchone() or (False,))[0]:
                     self._putconn(conn)
                     raise LockTimeout(f"session {key!r} is held", key, self.describe(key))
                 row = cur.fetchone()
@@ -646,7 +654,9 @@ class PostgresStore(Store):
             del _holds[(self.location, key)]
         conn = hold.conn
         error: Optional[BaseException] = None
-        if commit and not conn.closed:
+        if commit and hold.dirty and conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            error = psycopg.OperationalError("a later statement failed, so the transaction was rolled back")
+        elif commit and not conn.closed:
             try:
                 conn.execute("COMMIT")
             except psycopg.Error as exc:
