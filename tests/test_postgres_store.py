@@ -147,6 +147,27 @@ def test_server_down_is_a_quick_store_error_and_the_store_recovers(postgres_serv
     store.close()
 
 
+def test_recovery_after_a_long_outage_does_not_wait_for_the_pools_backoff(postgres_server, postgres_store_url):
+    """psycopg_pool retries a lost connection 1, 3, 7, 15 ... s after it found it lost: after an
+    outage of 9 s its next try is some 5 s away, but the first update after the restart must
+    not wait for it."""
+    store = from_url(postgres_store_url, timeout=5)
+    increment(store, "k")
+    postgres_server.stop()
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreError):
+            increment(store, "k")  # the pool finds its connection dead and starts retrying
+        time.sleep(max(0.0, started + 9.0 - time.monotonic()))
+    finally:
+        postgres_server.start()
+    started = time.monotonic()
+    increment(store, "k")
+    assert time.monotonic() - started < 3
+    assert count_of(store, "k") == 2
+    store.close()
+
+
 def test_two_tables_stay_apart(postgres_url):
     a_url, b_url = f"{postgres_url}?table=a_{uuid.uuid4().hex[:6]}", f"{postgres_url}?table=b_{uuid.uuid4().hex[:6]}"
     a, b = from_url(a_url), from_url(b_url)

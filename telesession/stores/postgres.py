@@ -167,7 +167,8 @@ class PostgresStore(Store):
         self._pipelined = psycopg.Pipeline.is_supported()
         self._mutex = threading.Lock()
         self._closed = False
-        self._probed = -1e9  # when a direct connection last succeeded (see _getconn)
+        self._out = 0  # connections this process has taken and not given back (see _getconn)
+        self._count = threading.Lock()
         self.address = "postgresql://?"
         self._pool_pid = current_pid()
         self._pool = dsn_or_pool if isinstance(dsn_or_pool, ConnectionPool) else self._new_pool()
@@ -209,6 +210,8 @@ class PostgresStore(Store):
                     _inherited.append(self._pool)
                     self._pool = self._new_pool()
                     self._owns_pool = True
+                    self._out = 0
+                    self._count = threading.Lock()
                     self._pool_pid = current_pid()
         return self._pool
 
@@ -302,9 +305,12 @@ class PostgresStore(Store):
     def _getconn(self, key: Optional[str], timeout: float) -> "psycopg.Connection[Any]":
         """A connection from this process's pool, autocommit; ``StoreError`` when there is none.
 
-        A short wait first: if the pool has nothing to give, one direct connection attempt
-        tells a server that is down (``StoreError`` at once) from a pool whose connections
-        are all held (wait up to ``timeout``).
+        When the pool has nothing to give within a moment although this process uses fewer
+        than ``max_size`` of its connections, the pool is (re)connecting -- after a server
+        restart it retries with a growing delay -- so connect directly: that either fails
+        at once with libpq's reason (the server is down: ``StoreError``) or yields a
+        connection for this one operation.  A pool whose connections are all in use here
+        is waited for, up to ``timeout``.
         """
         if self._closed:
             raise StoreError(f"{self!r} is closed", key, self.address)
@@ -314,19 +320,21 @@ class PostgresStore(Store):
         except PoolTimeout:
             conn = None
         if conn is None:
-            if time.monotonic() - self._probed > 1.0:  # at most one probe a second while connections are scarce
-                self._probe(key)
-                self._probed = time.monotonic()
-            try:
-                conn = pool.getconn(timeout=max(timeout - 0.25, 0.05))
-            except PoolTimeout:
-                where = self.describe(key) if key is not None else self.address
-                raise StoreError(
-                    f"no PostgreSQL connection free within {timeout:g} s for {where}: all "
-                    f"{pool.max_size} connections of the pool are in use (each session held at the same "
-                    f"time needs one): raise max_size, or timeout", key, where) from None
-            except Exception as exc:  # pragma: no cover - a closed pool
-                raise self._error(exc, key, "connecting for") from exc
+            if self._out < pool.max_size:
+                conn = self._connect_directly(key)
+            else:
+                try:
+                    conn = pool.getconn(timeout=max(timeout - 0.25, 0.05))
+                except PoolTimeout:
+                    where = self.describe(key) if key is not None else self.address
+                    raise StoreError(
+                        f"no PostgreSQL connection free within {timeout:g} s for {where}: all "
+                        f"{pool.max_size} connections of the pool are in use (each session held at the same "
+                        f"time needs one): raise max_size, or timeout", key, where) from None
+                except Exception as exc:  # pragma: no cover - a closed pool
+                    raise self._error(exc, key, "connecting for") from exc
+        with self._count:
+            self._out += 1
         if not conn.autocommit:  # a pool the caller made
             try:
                 conn.autocommit = True
@@ -336,12 +344,15 @@ class PostgresStore(Store):
             conn._telesession_restore = True  # type: ignore[attr-defined]
         return conn
 
-    def _probe(self, key: Optional[str]) -> None:
-        """Connect once directly: ``StoreError`` with libpq's reason if the server cannot be reached."""
+    def _connect_directly(self, key: Optional[str]) -> "psycopg.Connection[Any]":
+        """A connection outside the pool, closed when given back; ``StoreError`` with libpq's
+        reason if the server cannot be reached."""
         try:
-            psycopg.connect(self._conninfo, **{**self._kwargs, "autocommit": True}).close()
+            conn = psycopg.connect(self._conninfo, **{**self._kwargs, "autocommit": True})
         except psycopg.Error as exc:
             raise self._error(exc, key, "connecting for") from exc
+        conn._telesession_extra = True  # type: ignore[attr-defined]
+        return conn
 
     def _putconn(self, conn: "psycopg.Connection[Any]") -> None:
         """Give ``conn`` back, idle (a broken one is discarded by the pool)."""
@@ -353,6 +364,14 @@ class PostgresStore(Store):
                 del conn._telesession_restore  # type: ignore[attr-defined]
         except psycopg.Error:
             pass  # broken: the pool discards it
+        with self._count:
+            self._out -= 1
+        if getattr(conn, "_telesession_extra", False):
+            if self._pool_pid == current_pid():
+                conn.close()
+            else:  # pragma: no cover
+                _inherited.append(conn)
+            return
         try:
             pool = self._pool
             if self._pool_pid == current_pid():
