@@ -105,7 +105,7 @@ def _processes(url: str, procs: int, per: int) -> float:
     from telesession.stores import from_url
     from telesession.records import parse_record
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")  # children open their own stores from the URL
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     prefix = f"p{procs}-{random.randrange(10**9)}"
     children = [ctx.Process(target=_child, args=(url, f"{prefix}-{c}", per, barrier, out)) for c in range(procs)]

@@ -28,6 +28,7 @@ process holds at once, and the others wait for a connection (``StoreError`` afte
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import nullcontext
@@ -395,26 +396,27 @@ class PostgresStore(Store):
         return conn.pipeline() if self._pipelined else nullcontext()
 
     def _scrub_text(self, text: str, password: Optional[str] = "") -> str:
+        """``text`` without the DSN's password, nor any ``scheme://user:password@`` in it."""
         password = getattr(self, "_password", None) if password == "" else password
-        if password:
+        if password and len(str(password)) >= 3:  # a shorter one would garble every message
             text = text.replace(str(password), "***")
-        return scrub(text) if "://" in text else text
+        return re.sub(r"(://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
 
     def _error(self, exc: BaseException, key: Optional[str], doing: str) -> StoreError:
         where = self.describe(key) if key is not None else f"table {self.table} at {self.address}"
         text = self._scrub_text(str(exc).strip()).replace("\n", " ")
         return StoreError(f"PostgreSQL failed while {doing} {where}: {type(exc).__name__}: {text}", key, where)
 
-    @staticmethod
-    def _check_key(key: str) -> None:
+    def _check_key(self, key: str) -> None:
+        """``StoreError`` for a key that PostgreSQL text cannot hold (NUL, lone surrogates)."""
         if "\x00" in key:
-            raise StoreError(f"session key {key!r} contains a NUL character, which PostgreSQL text cannot hold",
-                             key, None)
+            raise StoreError(f"session key {key!r} contains a NUL character, which PostgreSQL text cannot hold "
+                             f"({self.describe(key)})", key, self.describe(key))
         try:
             key.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise StoreError(f"session key {key!r} is not valid Unicode text ({exc.reason}); PostgreSQL "
-                             f"cannot store it", key, None) from None
+                             f"cannot store it ({self.describe(key)})", key, self.describe(key)) from None
 
     def _run(self, key: Optional[str], doing: str, body: Any) -> Any:
         """``body(conn)`` on the connection of the key this thread holds, else on a pool connection
