@@ -144,6 +144,15 @@ def test_server_down_is_a_quick_store_error_and_the_store_recovers(postgres_serv
         postgres_server.start()
     increment(store, "k")
     assert count_of(store, "k") == 2
+    postgres_server.restart()  # every pooled connection is dead now: each kind of call recovers at once
+    assert list(store.keys()) == ["k"]
+    postgres_server.restart()
+    assert [key for key, _ in store.records()] == ["k"]
+    postgres_server.restart()
+    assert count_of(store, "k") == 2
+    postgres_server.restart()
+    increment(store, "k")
+    assert count_of(store, "k") == 3
     store.close()
 
 

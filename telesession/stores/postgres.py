@@ -560,19 +560,29 @@ class PostgresStore(Store):
             q, params = self._sql["keys_prefix_open"], (prefix,)
         else:
             q, params = self._sql["keys_prefix"], (prefix, end)
-        conn = self._getconn(None, self.timeout)
-        try:
-            with conn.transaction():
-                with conn.cursor(name="telesession_keys") as cur:
-                    cur.itersize = _ITERSIZE
-                    cur.execute(q, params)
-                    for (key,) in cur:
-                        if key.startswith(prefix):
-                            yield key
-        except psycopg.Error as exc:
-            raise self._error(exc, None, "listing") from exc
-        finally:
-            self._putconn(conn)
+        for attempt in (1, 2):
+            conn = self._getconn(None, self.timeout)
+            started = False
+            try:
+                with conn.transaction():
+                    with conn.cursor(name="telesession_keys") as cur:
+                        cur.itersize = _ITERSIZE
+                        cur.execute(q, params)
+                        started = True
+                        for (key,) in cur:
+                            if key.startswith(prefix):
+                                yield key
+                return
+            except psycopg.Error as exc:
+                if attempt == 1 and not started and (conn.closed or conn.broken):
+                    self._putconn(conn)
+                    conn = None  # type: ignore[assignment]
+                    self._recheck()  # a connection that died while idle in the pool: try a fresh one
+                    continue
+                raise self._error(exc, None, "listing") from exc
+            finally:
+                if conn is not None:
+                    self._putconn(conn)
 
     def records(self, prefix: str = "") -> Iterator[Tuple[str, bytes]]:
         """Every live ``(key, record)`` whose key starts with ``prefix``, read without any lock in
