@@ -434,7 +434,7 @@ class PostgresStore(Store):
             try:
                 return body(conn)
             except psycopg.Error as exc:
-                broken = conn.closed or conn.broken
+                broken = conn.closed or getattr(conn, "broken", False)
                 if attempt == 1 and broken and isinstance(exc, psycopg.OperationalError):
                     self._putconn(conn)
                     conn = None  # type: ignore[assignment]
@@ -574,7 +574,7 @@ class PostgresStore(Store):
                                 yield key
                 return
             except psycopg.Error as exc:
-                if attempt == 1 and not started and (conn.closed or conn.broken):
+                if attempt == 1 and not started and (conn.closed or getattr(conn, "broken", False)):
                     self._putconn(conn)
                     conn = None  # type: ignore[assignment]
                     self._recheck()  # a connection that died while idle in the pool: try a fresh one
@@ -660,7 +660,7 @@ class PostgresStore(Store):
                 self._putconn(conn)
                 raise LockTimeout(f"session {key!r} is held", key, self.describe(key)) from None
             except psycopg.Error as exc:
-                broken = conn.closed or conn.broken
+                broken = conn.closed or getattr(conn, "broken", False)
                 self._putconn(conn)
                 if attempt == 1 and broken and isinstance(exc, psycopg.OperationalError):
                     self._recheck()  # a connection that died while idle in the pool: try a fresh one
