@@ -261,6 +261,7 @@ class PostgresStore(Store):
             raise
         self._putconn(conn)
         self.qualified = f"{schema}.{name}"
+        self._ident = sql.Identifier(schema, name)  # the statements name it fully: search_path cannot move it
         wrong = {c: t for c, t in _COLUMNS.items() if columns.get(c) != t}
         if wrong:
             raise StoreError(
