@@ -129,8 +129,10 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
     from telesession.stores import from_url
 
     try:
+        import psycopg  # noqa: F401  (the postgres extra)
+
         server = start_postgres_server()
-    except RuntimeError as exc:
+    except (RuntimeError, ImportError) as exc:
         return [_row("postgres", 0.0, "", note=f"skipped: {exc}")]
     rows: List[Dict[str, Any]] = []
     try:
