@@ -145,11 +145,14 @@ def open_store(url: str, *, create: bool) -> Store:
         reason = _not_a_store(*local) if local is not None else None
         if reason is not None:
             raise CLIError(f"cannot read {scrub_url(url)}: {reason}")
+    # A PostgreSQL table is created only by commands that write (like a missing file store).
+    options = {"create_table": False} if not create and url.lower().startswith("postgres") else {}
     try:
-        return from_url(url)
+        return from_url(url, **options)
     except ImportError as exc:
+        extra = "postgres" if url.lower().startswith("postgres") else "redis"
         raise CLIError(f"cannot open {scrub_url(url)}: {exc}; install the extra it needs "
-                       f"(pip install 'telesession[redis]')") from exc
+                       f"(pip install 'telesession[{extra}]')") from exc
     except SessionError:
         raise
     except ValueError as exc:  # a bad URL: from_url's message lists the schemes

@@ -7,7 +7,8 @@ from .base import Store
 
 __all__ = ["from_url", "scrub", "SCHEMES"]
 
-SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P&lease=S, rediss://..."
+SCHEMES = ("memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P&lease=S, rediss://..., "
+           "postgresql://USER@HOST:PORT/DB?table=T")
 
 
 def from_url(url: str, **options: Any) -> Store:
@@ -15,7 +16,8 @@ def from_url(url: str, **options: Any) -> Store:
 
     ``memory://``, ``json:PATH``, ``shelve:PATH``, ``sqlite:PATH`` (``sqlite:///abs/path``
     works too), ``redis://[:password@]host:port/db?prefix=...&lease=SECONDS`` and
-    ``rediss://`` for TLS.
+    ``rediss://`` for TLS, ``postgresql://user:password@host:port/db?table=T&max_size=N``
+    (``postgres://`` too).
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
@@ -44,6 +46,10 @@ def from_url(url: str, **options: Any) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
     raise ValueError(f"unknown store URL scheme {scheme!r} in {scrub(url)!r}; use one of {SCHEMES}")
 
 
