@@ -15,7 +15,8 @@ Every process sharing a store must use the same backend: a record lock and a
 """
 import os
 import threading
-from typing import Any, Callable, Dict, Optional
+import weakref
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["PortableLockFile"]
 
@@ -37,6 +38,7 @@ class PortableLockFile:
         self._held: Dict[int, Any] = {}
         self._mutex = threading.Lock()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        _instances.add(self)
 
     def file_of(self, offset: int) -> str:
         """The lock file of ``offset`` (``0``: the whole-store lock)."""
@@ -67,3 +69,41 @@ class PortableLockFile:
         if lock is None:
             raise RuntimeError("lock {} of {} is not held by this process".format(offset, self.path))
         lock.release(force=True)
+
+
+#: Every ``PortableLockFile`` of this process, so a forked child can disown its parent's locks.
+_instances: "weakref.WeakSet[PortableLockFile]" = weakref.WeakSet()
+#: Locks a forked child inherited: kept referenced so their ``__del__`` never unlocks them.
+_inherited: List[Any] = []
+
+
+def _disown(lock: Any) -> None:
+    """Close a child's copy of an inherited lock's file without unlocking it for the parent."""
+    context = getattr(lock, "_context", lock)  # filelock keeps its state on ``_context`` (3.12+)
+    fd = getattr(context, "lock_file_fd", None)
+    if fd is not None:
+        context.lock_file_fd = None  # release() is then a no-op: the parent's flock stays
+        if hasattr(context, "lock_counter"):
+            context.lock_counter = 0
+        try:
+            os.close(fd)  # the open file description, and its flock, live on in the parent
+        except OSError:
+            pass
+    _inherited.append(lock)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child owns none of its parent's locks: forget them without releasing them.
+
+    (An older filelock's ``FileLock.__del__`` would ``flock(LOCK_UN)`` the shared file
+    description when the child dropped it, freeing the key under the parent's handler.)
+    """
+    for lock_file in list(_instances):
+        held, lock_file._held = lock_file._held, {}
+        lock_file._mutex = threading.Lock()
+        for lock in held.values():
+            _disown(lock)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -305,10 +305,10 @@ class Sessions(Generic[T]):
             raise ValueError(f"version must be an int >= 0, not {version!r}")
         # Only the migrations stored records still need: a record needing a missing one is refused on load.
         migrations = dict(migrations or {})
-        if not isinstance(name, str) or not name or ":" in name or name[0].isdigit():
+        if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"name={name!r}: a manager's name is part of its stored keys "
-                             f"(\"{{name}}:{{key}}\"); use a non-empty name without ':' that does not start "
-                             f"with a digit, such as 'session'")
+                             f"(\"{{name}}:{{key}}\") and names the handler parameter that receives the "
+                             f"session; use a Python identifier, such as 'session' or 'profile'")
         self.store: Store = store
         self.initial: Callable[[], T] = initial
         #: The session's dataclass (typed sessions), or ``None`` for dict sessions.

@@ -168,6 +168,11 @@ def check_typed(value: Any, text: str, cls: type, key: str, where: Where, root: 
         raise SerializationError(
             f"session {key!r} cannot be stored ({where}): {path} does not fit {cls.__name__}: "
             f"{_reason(exc)}", key, where, path) from exc
+    except Exception as exc:  # a __post_init__ that refuses what would be read back
+        where = _where(where)
+        raise SerializationError(
+            f"session {key!r} cannot be stored ({where}): it would not load back as {cls.__name__}: "
+            f"{type(exc).__name__}: {exc}", key, where, root) from exc
     if not _same(back, value, cls):
         where = _where(where)
         path = _first_difference(back, value, root)
@@ -229,7 +234,7 @@ def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Tuple[
             f"session {key!r} ({where}) does not match {cls.__name__}: field {path}: {_reason(exc)}; "
             f"it was left untouched: add a migration (Sessions(version=..., migrations=...)) or fix "
             f"the record", key, where) from exc
-    except (TypeError, ValueError) as exc:  # a __post_init__ that refused the values
+    except Exception as exc:  # a __post_init__ that refused the values (any exception it raises)
         where = _where(where)
         raise CorruptSessionError(
             f"session {key!r} ({where}) does not match {cls.__name__}: {type(exc).__name__}: {exc}; "

@@ -429,9 +429,32 @@ def test_decorated_managers_over_one_store_stay_apart(tmp_path):
 
 
 def test_names_that_could_meet_another_namespace_are_refused():
-    for name in ("a:b", "", "1st"):
+    for name in ("a:b", "", "1st", "telebot-states", "my session"):
         with pytest.raises(ValueError, match="name"):
             Sessions(name=name)
+
+
+@dataclasses.dataclass
+class Bounded:
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.n <= 100, "n is at most 100"  # any exception, not only TypeError/ValueError
+
+
+def test_a_post_init_that_refuses_is_a_session_error_both_ways(tmp_path):
+    store = from_url(f"json:{tmp_path / 's'}")
+    sessions = Sessions(store, initial=Bounded)
+    store.save("session:big", build_record("session:big", '{"n":500}', 0, time.time()))
+    before = store.load("session:big")
+    with pytest.raises(CorruptSessionError, match="AssertionError"):
+        with sessions.open("big"):
+            pass
+    assert store.load("session:big") == before  # left untouched
+    with pytest.raises(SerializationError, match="AssertionError"):
+        with sessions.open("small") as s:
+            s.n = 500  # would not load back
+    assert store.load("session:small") is None
 
 
 def test_lazy_typed_sessions_give_a_proxy_that_behaves_as_the_class(tmp_path):
