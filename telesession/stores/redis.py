@@ -359,7 +359,8 @@ class RedisStore(Store):
         if mode == "":
             backoff = import_module_attr(f"{package}.backoff")
             retry = import_module_attr(f"{package}.retry")
-            options.setdefault("retry", retry.Retry(backoff.ExponentialWithJitterBackoff(cap=0.25, base=0.02), 2))
+            jitter = getattr(backoff, "ExponentialWithJitterBackoff", None) or backoff.EqualJitterBackoff
+            options.setdefault("retry", retry.Retry(jitter(cap=0.25, base=0.02), 2))
             client_class = flavor.module.Redis if package == "redis" else flavor.module.Valkey
             try:
                 return client_class.from_url(url, **timeouts, **options)
