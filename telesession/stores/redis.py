@@ -525,12 +525,9 @@ class RedisStore(Store):
         if self.cluster:
             return  # the cluster client follows MOVED redirections itself
         pool = getattr(self.client, "connection_pool", None)
-        try:
-            if hasattr(pool, "reset") and hasattr(pool, "service_name"):
-                pool.disconnect()
-                pool.reset()
-            elif pool is not None:
-                pool.disconnect()
+        try:  # idle ones only: a connection in use by another thread is its to drop on its error
+            if pool is not None:
+                pool.disconnect(inuse_connections=False)
         except Exception:  # pragma: no cover - best effort
             logger.debug("could not drop the connections to %s", self.address, exc_info=True)
 
