@@ -421,3 +421,35 @@ def test_valkey_clients_work_and_their_errors_are_store_errors(valkey_server):
 
 def failures_of(body: Any) -> List[BaseException]:
     return _threads(4, body)
+
+
+# -- moving data -------------------------------------------------------------------------------
+
+@pytest.mark.redis_topology
+def test_cli_migrate_moves_sessions_of_the_0_1_layout_to_the_tagged_one_and_to_a_cluster(
+        redis_store_url, redis_server, redis_cluster, capsys):
+    from telesession.cli import main
+
+    prefix = redis_store_url.split("prefix=", 1)[1]
+    raw = redis_server.client()
+    keys = ["123", "-100777:5", "odd{", ""]  # ("{x}" is ambiguous in the old layout: see the docs)
+    with from_url(redis_store_url) as tagged:
+        records = {key: json.dumps({"v": 1, "data": {"count": i}}).encode() for i, key in enumerate(keys)}
+    try:
+        for key, record in records.items():  # what telesession 0.1 wrote: {prefix}s:KEY, no braces
+            raw.set(f"{prefix}s:{key}", record)
+        flat_url = redis_store_url + "&layout=flat"
+        with from_url(flat_url) as flat:
+            assert sorted(flat.keys()) == sorted(keys) and flat.load("123") == records["123"]
+        assert main(["migrate", flat_url, redis_store_url]) == 0  # the same server, the new layout
+        cluster_url = f"{redis_cluster.url}?prefix={prefix}"
+        assert main(["migrate", redis_store_url, cluster_url]) == 0
+        for url in (redis_store_url, cluster_url):
+            with from_url(url) as store:
+                assert dict(store.records()) == records
+                assert raw.get(f"{prefix}s:{{123}}") == records["123"]  # plain GET of the record key
+        with from_url(cluster_url) as store:
+            for key in keys:
+                store.delete(key)
+    finally:
+        raw.close()

@@ -18,7 +18,8 @@ session key itself, with a ``~`` put in front when it is empty or starts with ``
 (so the tag is never empty).  The segment after the prefix (``s:`` or ``l:``) says what a
 Redis key is, so no session key, whatever its characters, can name another key's lock.
 ``layout="flat"`` reads and writes the layout of telesession 0.1 (``{prefix}s:KEY``, no
-braces; one server only), to move such data with ``telesession migrate``.
+braces; one server only), to move such data with ``telesession migrate``; its ``keys()``
+skips names of the tagged layout, so both can share a prefix during the move.
 
 A lock is taken with ``SET NX PX`` and a random token by a Lua script that also
 returns the session (``load_locked`` right after costs no round trip), given back by a Lua
@@ -677,6 +678,8 @@ class RedisStore(Store):
                 if not name.startswith(head) or not name.endswith(tail):
                     continue
                 inner = name[len(head):len(name) - len(tail)]
+                if self.layout == "flat" and inner[:1] == b"{" and inner[-1:] == b"}":
+                    continue  # a record of the tagged layout beside the old one (mid-migration)
                 key = inner.decode("utf-8", "surrogatepass") if self.layout == "flat" else _untag(inner)
                 if key.startswith(prefix):
                     yield key, name
