@@ -1,5 +1,6 @@
 """The store contract (tests/test_store_contract.py) on the other Redis deployments: Valkey, a
-3-master Redis Cluster and a Sentinel-managed master with ``wait_replicas=1``, all by URL."""
+3-master Redis Cluster (through the redis and the valkey package) and a Sentinel-managed master
+with ``wait_replicas=1``, all by URL."""
 import importlib.util
 import os
 import uuid
@@ -19,6 +20,7 @@ if importlib.util.find_spec("redis") is None and os.environ.get("TELESESSION_REQ
     pytest.skip("the redis package is not installed: pip install -e .[redis]", allow_module_level=True)
 
 DEPLOYMENTS = ["valkey", pytest.param("cluster", marks=pytest.mark.redis_topology),
+               pytest.param("valkey-cluster", marks=pytest.mark.redis_topology),
                pytest.param("sentinel", marks=pytest.mark.redis_topology)]
 
 
@@ -28,8 +30,9 @@ def _url(request: pytest.FixtureRequest) -> str:
         server = request.getfixturevalue("valkey_server")
         server.start()
         return f"valkey://127.0.0.1:{server.port}/0?prefix={prefix}&lease=1"
-    if request.param == "cluster":
-        return request.getfixturevalue("redis_cluster").url + f"?prefix={prefix}&lease=1"
+    if request.param in ("cluster", "valkey-cluster"):
+        url = request.getfixturevalue("redis_cluster").url + f"?prefix={prefix}&lease=1"
+        return url.replace("redis+", "valkey+") if request.param == "valkey-cluster" else url
     return request.getfixturevalue("redis_sentinel").url() + f"?prefix={prefix}&lease=1&wait_replicas=1"
 
 

@@ -222,24 +222,26 @@ def test_sentinel_url_and_master_for_client_name_the_service(redis_sentinel):
     sentinel = Sentinel([("127.0.0.1", s.port) for s in redis_sentinel.sentinels], socket_timeout=5)
     client = sentinel.master_for("mymaster", socket_timeout=5)
     by_client = _store(client, prefix=prefix, wait_replicas=1)
+    by_valkey = from_url(redis_sentinel.url(f"/0?prefix={prefix}&wait_replicas=1").replace("redis+", "valkey+"))
     try:
-        assert by_url.location == by_client.location
-        for store in (by_url, by_client):
+        assert by_url.location == by_client.location == by_valkey.location
+        for store in (by_url, by_client, by_valkey):
             where = store.describe("k")
-            assert "mymaster" in where and "redis+sentinel://" in where
+            assert "mymaster" in where and "+sentinel://" in where
             assert all(f"127.0.0.1:{s.port}" in where for s in redis_sentinel.sentinels)
             for _ in range(5):
                 increment(store, "k")
-        assert count_of(by_url, "k") == 10
+        assert count_of(by_url, "k") == 15
         replica = redis_sentinel.server_on(next(s.port for s in redis_sentinel.servers
                                                 if s.port != redis_sentinel.master_port()))
         raw = replica.client()
-        assert json.loads(raw.get(by_url._session_key("k")))["data"]["count"] == 10  # on the replica already
+        assert json.loads(raw.get(by_url._session_key("k")))["data"]["count"] == 15  # on the replica already
         raw.close()
         by_url.delete("k")
     finally:
         by_url.close()
         by_client.close()
+        by_valkey.close()
         client.close()
 
 

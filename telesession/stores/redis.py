@@ -182,7 +182,8 @@ class _Flavor:
         self.errors: Tuple[type, ...] = (base, cluster_base)
         #: Errors that mean the server (or the cluster's owner of a slot) could not be reached.
         self.unreachable: Tuple[type, ...] = (exceptions.ConnectionError, exceptions.TimeoutError,
-                                              exceptions.ClusterDownError, cluster_base)
+                                              exceptions.ClusterDownError)
+        self.cluster_base = cluster_base
         self.no_script = exceptions.NoScriptError
         self.ssl_connection = getattr(self.module, "SSLConnection", ())
 
@@ -500,6 +501,8 @@ class RedisStore(Store):
         return f"Redis key {name!r} at {self.address}"
 
     def _unreachable(self, exc: BaseException) -> bool:
+        if isinstance(exc, self._flavor.cluster_base):  # "Redis Cluster cannot be connected", or a bug
+            return "connect" in str(exc).lower()
         return isinstance(exc, self._flavor.unreachable)
 
     def _error(self, exc: BaseException, key: Optional[str], doing: str) -> StoreError:
