@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from types import ModuleType
-from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple, Union, cast
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Tuple, Type, Union, cast
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from ..errors import ConflictError, StoreError
@@ -179,9 +179,9 @@ class _Flavor:
         cluster_base = (exceptions.RedisClusterException if name == "redis"
                         else exceptions.ValkeyClusterException)
         #: Everything the client raises about the server (cluster ones are not RedisErrors).
-        self.errors: Tuple[type, ...] = (base, cluster_base)
+        self.errors: Tuple[Type[BaseException], ...] = (base, cluster_base)
         #: Errors that mean the server (or the cluster's owner of a slot) could not be reached.
-        self.unreachable: Tuple[type, ...] = (exceptions.ConnectionError, exceptions.TimeoutError,
+        self.unreachable: Tuple[Type[BaseException], ...] = (exceptions.ConnectionError, exceptions.TimeoutError,
                                               exceptions.ClusterDownError)
         self.cluster_base = cluster_base
         self.no_script = exceptions.NoScriptError
@@ -438,7 +438,7 @@ class RedisStore(Store):
             except Exception:  # pragma: no cover - an unusual client
                 names = [repr(self.client)]
             return f"{family}+cluster://{','.join(names)}", ("redis-cluster", tuple(names))
-        pool = getattr(self.client, "connection_pool", None)
+        pool: Any = getattr(self.client, "connection_pool", None)
         if self._sentinel is None and hasattr(pool, "service_name") and hasattr(pool, "sentinel_manager"):
             sentinels = []
             for node in getattr(pool.sentinel_manager, "sentinels", []):
@@ -451,7 +451,7 @@ class RedisStore(Store):
             return (f"{family}+sentinel://{','.join(names)}/{service}/{db}",
                     ("redis-sentinel", service, tuple(names), db))
         try:
-            kwargs = pool.connection_kwargs  # type: ignore[union-attr]
+            kwargs = pool.connection_kwargs
         except AttributeError:  # pragma: no cover - an unusual client
             return repr(self.client), ("redis", id(self.client))
         db = kwargs.get("db", 0) or 0
