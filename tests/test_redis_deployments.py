@@ -209,6 +209,20 @@ def test_cluster_options_that_cannot_work_are_refused(redis_cluster):
         from_url(redis_cluster.url + "/3")
     with pytest.raises(ValueError, match="hash tag"):
         from_url(redis_cluster.url + "?prefix=half{tag:")
+    with pytest.raises(ValueError, match=r"redis\+cluster://"):  # redis-py would fail later with a TypeError
+        from_url(f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/0?cluster=true")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        from_url("redis+cluster://127.0.0.1:notaport")
+    with pytest.raises(ValueError, match="SERVICE"):
+        from_url("redis+sentinel://127.0.0.1:26379")
+    whole = from_url(redis_cluster.url + "?prefix={bot}:")  # a complete tag of its own: one slot
+    try:
+        assert len({whole._slot(whole._session_key(k)) for k in KEYS30}) == 1
+        increment(whole, "k")
+        assert count_of(whole, "k") == 1
+        whole.delete("k")
+    finally:
+        whole.close()
 
 
 # -- Sentinel --------------------------------------------------------------------------------

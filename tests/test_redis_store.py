@@ -501,3 +501,48 @@ def test_a_client_with_decode_responses_works_too(redis_server, redis_store_url)
         store.close()
     finally:
         client.close()
+
+
+def test_keys_and_records_by_prefix_escape_glob_characters_and_stream_in_batches(store, raw):
+    expected = {f"a*[{i}]": f"r{i}".encode() for i in range(1200)}  # more than one MGET batch
+    expected.update({"ab": b"x", "a": b"y", "": b"empty", "~t": b"tilde", "}t": b"brace"})
+    pipe = raw.pipeline()
+    for key, value in expected.items():
+        pipe.set(store._session_key(key), value)
+    pipe.execute()
+    assert raw.get(store.prefix + "s:{ab}") == b"x" and raw.get(store.prefix + "s:{~}") == b"empty"
+    assert raw.get(store.prefix + "s:{~~t}") == b"tilde" and raw.get(store.prefix + "s:{~}t}") == b"brace"
+    assert dict(store.records()) == expected
+    assert dict(store.records("a*[")) == {k: v for k, v in expected.items() if k.startswith("a*[")}
+    assert sorted(store.keys("a")) == sorted(k for k in expected if k.startswith("a"))
+    assert list(store.keys("a*[1199")) == ["a*[1199]"]
+    assert sorted(store.keys("~")) == ["~t"] and sorted(store.keys("}")) == ["}t"]
+    assert list(store.keys("zzz")) == [] and list(store.records("zzz")) == []
+    records = store.records()
+    assert next(records)[0] in expected  # a generator: nothing is read before it is asked for
+    records.close()
+
+
+def test_a_release_that_failed_is_retried_and_a_failed_store_says_redis_was_unreachable(redis_server,
+                                                                                         redis_store_url):
+    store = open_store(redis_store_url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        token = store.acquire("k", 1)
+        redis_server.stop()
+        store.release("k", token)  # cannot reach Redis: kept for later
+        assert list(store._pending) == [token.lock_key]
+        with pytest.raises(StoreError, match="Redis was unreachable while locking"):
+            store.acquire("k", 1)
+        redis_server.start()
+        # a fresh server (no persistence): put back what the lock was, to see it removed
+        raw = redis_server.client()
+        raw.set(token.lock_key, token.token, px=30000)
+        deadline = time.monotonic() + 10
+        while raw.exists(token.lock_key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert raw.exists(token.lock_key) == 0 and store._pending == {}
+        raw.close()
+        increment(store, "k")
+    finally:
+        redis_server.start()
+        store.close()

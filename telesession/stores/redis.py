@@ -359,6 +359,12 @@ class RedisStore(Store):
         tls = base in ("rediss", "valkeys")
         timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
         if mode == "":
+            query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+            if "cluster" in query or "sentinel" in query:
+                which = "cluster" if "cluster" in query else "sentinel"
+                raise ValueError(f"bad Redis URL {scrub(url)!r}: for Redis {which.title()} use "
+                                 f"{base}+{which}://HOST:PORT[,HOST:PORT...]"
+                                 f"{'/SERVICE[/DB]' if which == 'sentinel' else ''}")
             backoff = import_module_attr(f"{package}.backoff")
             retry = import_module_attr(f"{package}.retry")
             jitter = getattr(backoff, "ExponentialWithJitterBackoff", None) or backoff.EqualJitterBackoff
