@@ -544,3 +544,21 @@ def test_a_release_that_failed_is_retried_and_a_failed_store_says_redis_was_unre
     finally:
         redis_server.start()
         store.close()
+
+
+def test_a_master_refusing_writes_for_want_of_replicas_gives_a_store_error(redis_server, redis_store_url):
+    """NOREPLICAS (min-replicas-to-write on the server) is a StoreError naming the key, not a raw error."""
+    raw = redis_server.client()
+    store = open_store(redis_store_url)
+    try:
+        raw.config_set("min-replicas-to-write", 1)
+        with pytest.raises(StoreError, match="NOREPLICAS") as info:
+            increment(store, "k")
+        assert info.value.key == "k" and not isinstance(info.value, ConflictError)
+        raw.config_set("min-replicas-to-write", 0)
+        increment(store, "k")  # reconnected and writing again
+        assert count_of(store, "k") == 1
+    finally:
+        raw.config_set("min-replicas-to-write", 0)
+        raw.close()
+        store.close()

@@ -286,6 +286,7 @@ class RedisStore(Store):
         self._wait_ms = max(50, int(socket_timeout * 500))  # WAIT gives up well before the socket does
         self.layout = layout
         self._sentinel: Optional[Tuple[str, List[Tuple[str, int]], int]] = None
+        self._sentinel_clients: List[Any] = []
         self._password: Optional[str] = None
         if isinstance(url_or_client, str):
             self.client = self._connect(url_or_client, socket_timeout, socket_connect_timeout, options)
@@ -417,6 +418,7 @@ class RedisStore(Store):
         sentinel_module = import_module_attr(f"{package}.sentinel")
         sentinel = sentinel_module.Sentinel(nodes, sentinel_kwargs=dict(timeouts), **timeouts)
         self._sentinel = (service, nodes, db)
+        self._sentinel_clients = list(sentinel.sentinels)  # ours to close, like the master's pool
         return sentinel.master_for(service, db=db, **timeouts, **auth, **options)
 
     def _client_password(self) -> Optional[str]:
@@ -842,10 +844,11 @@ class RedisStore(Store):
         with self._cond:
             self._cond.notify_all()
         if self._owns_client:
-            try:
-                self.client.close()
-            except Exception:  # pragma: no cover
-                pass
+            for client in [self.client] + self._sentinel_clients:
+                try:
+                    client.close()
+                except Exception:  # pragma: no cover
+                    pass
 
     def __repr__(self) -> str:
         return f"RedisStore({self.address!r}, prefix={self.prefix!r})"
