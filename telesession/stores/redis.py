@@ -297,18 +297,19 @@ class RedisStore(Store):
             self.client = url_or_client
             self._owns_client = False
             self._flavor = _flavor("valkey" if type(url_or_client).__module__.startswith("valkey") else "redis")
+            given = getattr(getattr(url_or_client, "connection_pool", None), "connection_kwargs", {})
+            if isinstance(given, dict) and given.get("socket_timeout"):  # WAIT must end before the socket's
+                self._wait_ms = max(50, int(float(given["socket_timeout"]) * 500))
         self._errors = self._flavor.errors
         self.cluster = _is_cluster(self.client)
-        if self.cluster and wait_replicas:
-            raise ValueError("wait_replicas is not supported with Redis Cluster: WAIT must follow the write "
-                             "on its connection; use a Sentinel-managed master, or min-replicas-to-write")
-        if self.cluster and layout == "flat":
-            raise ValueError("layout='flat' cannot work with Redis Cluster (a session's lock and record "
-                             "hash to different slots); move the data with telesession migrate")
+        try:
+            self._check_options(wait_replicas, layout, prefix)
+        except ValueError:
+            if self._owns_client:
+                self.client.close()
+            raise
         self.prefix = prefix
         self._prefix = _b(prefix)
-        if layout == "tagged":
-            self._check_prefix()
         if self._password is None:
             self._password = self._client_password()
         self.address, location = self._address()
@@ -428,13 +429,21 @@ class RedisStore(Store):
                 return str(kwargs["password"])
         return None
 
-    def _check_prefix(self) -> None:
-        """A prefix may carry a complete hash tag of its own (all sessions in one slot), not half of one."""
-        opening = self._prefix.find(b"{")
-        if opening >= 0:
-            closing = self._prefix.find(b"}", opening + 1)
+    def _check_options(self, wait_replicas: int, layout: str, prefix: str) -> None:
+        """Refuse what cannot work on this deployment.  A prefix may carry a complete hash tag of its
+        own (all sessions in one slot), not half of one."""
+        if self.cluster and wait_replicas:
+            raise ValueError("wait_replicas is not supported with Redis Cluster: WAIT must follow the write "
+                             "on its connection; use a Sentinel-managed master, or min-replicas-to-write")
+        if self.cluster and layout == "flat":
+            raise ValueError("layout='flat' cannot work with Redis Cluster (a session's lock and record "
+                             "hash to different slots); move the data with telesession migrate")
+        raw = _b(prefix)
+        opening = raw.find(b"{")
+        if layout == "tagged" and opening >= 0:
+            closing = raw.find(b"}", opening + 1)
             if closing < 0 or closing == opening + 1:
-                raise ValueError(f"prefix {self.prefix!r}: a '{{' needs a '}}' after it with something "
+                raise ValueError(f"prefix {prefix!r}: a '{{' needs a '}}' after it with something "
                                  f"in between (a hash tag), or no braces at all")
 
     def _address(self) -> Tuple[str, Tuple[Any, ...]]:
