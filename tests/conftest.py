@@ -54,9 +54,11 @@ def no_leftover_sessions():
 # redis_server (session: a real redis-server, .stop()/.start()/.restart()), redis_url (its
 # redis://127.0.0.1:PORT/0) and redis_store_url (the same with a fresh ?prefix= per test).
 try:
-    from .redis_server import redis_server, redis_store_url, redis_url  # noqa: F401
+    from .redis_server import (redis_cluster, redis_sentinel, redis_server, redis_store_url,  # noqa: F401
+                               redis_url, valkey_server)
 except ImportError:  # tests/ is not a package: pytest put this directory on sys.path
-    from redis_server import redis_server, redis_store_url, redis_url  # noqa: F401
+    from redis_server import (redis_cluster, redis_sentinel, redis_server, redis_store_url,  # noqa: F401
+                              redis_url, valkey_server)
 # ---- end of Redis fixtures ------------------------------------------------------------------
 
 # ---- PostgreSQL fixtures (owned by tests/postgres_server.py) -------------------------------

@@ -5,7 +5,7 @@
 ``JSONFileStore``  one JSON file per key; threads and processes on one host
 ``ShelveStore``    one ``shelve`` database; small bots on one host
 ``SQLiteStore``    one SQLite database (WAL); production on one host
-``RedisStore``     Redis; many processes on many machines
+``RedisStore``     Redis or Valkey (one server, Sentinel, Cluster); many machines
 ``PostgresStore``  a PostgreSQL table; many processes on many machines
 =================  ============================================================
 """
