@@ -222,7 +222,7 @@ def demo(data_dir: str) -> None:
         expected_forms[GROUP] = Form("done", "Dana K.", 34)
         for chat, form in expected_forms.items():
             with forms.open(str(chat)) as stored:
-                check(stored == form, f"chat {chat}: stored form {stored.__wrapped__}, expected {form}")
+                check(stored == form, f"chat {chat}: stored form {stored}, expected {form}")
         languages = {user: u["lang"] for user, u in users.items()}
         languages.update({301: "de", 302: "fr", 303: "en"})
         for user, lang in languages.items():

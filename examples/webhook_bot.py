@@ -132,7 +132,7 @@ def stop_workers(workers) -> None:
 
 def demo(store_url: str, n_workers: int = 3) -> None:
     """Post 600 updates of 40 chats to the workers from 8 client threads; check every count."""
-    from telesession.testing import FakeBotAPI, update_dict
+    from telesession.testing import DEFAULT_TOKEN, FakeBotAPI, update_dict
 
     chats = list(range(3001, 3031)) + list(range(-4001, -4011, -1))  # 30 private chats, 10 groups
     per_chat = 15
@@ -140,10 +140,9 @@ def demo(store_url: str, n_workers: int = 3) -> None:
                for k in range(per_chat) for chat in chats]
     secret = secrets.token_urlsafe(16)
     sessions = Sessions(store=store_url, initial=lambda: {"count": 0})  # the parent reads the results
-    before = {}
-    for chat in chats:  # a --store that already holds these chats is fine: the demo checks increments
-        with sessions.open(str(chat)) as stored:
-            before[chat] = stored["count"]
+    sessions.bind(DEFAULT_TOKEN)  # the bot's sessions: stored under its id, as setup(bot) does
+    # A --store that already holds these chats is fine: the demo checks increments.
+    before = {chat: (sessions.get(str(chat)) or {"count": 0})["count"] for chat in chats}
 
     with FakeBotAPI() as api:
         workers, addresses = start_workers(n_workers, "127.0.0.1", 0, api.token, store_url, secret, api.api_url)

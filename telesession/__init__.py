@@ -17,6 +17,7 @@ from .manager import Sessions, configure, with_session
 
 if TYPE_CHECKING:  # pragma: no cover
     from .middleware import SessionMiddleware
+    from .states import StateStorage
 
 __all__ = [
     "Sessions",
@@ -24,6 +25,7 @@ __all__ = [
     "with_session",
     "configure",
     "SessionMiddleware",
+    "StateStorage",
     "keys",
     "stores",
     "errors",
@@ -46,4 +48,8 @@ def __getattr__(name: str) -> Any:
         from .middleware import SessionMiddleware
 
         return SessionMiddleware
+    if name == "StateStorage":  # a telebot StateStorageBase: imports telebot too
+        from .states import StateStorage
+
+        return StateStorage
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

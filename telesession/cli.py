@@ -3,11 +3,12 @@
     telesession ls URL [--json]
     telesession show URL KEY [--record]
     telesession rm URL KEY [KEY ...] [--missing-ok] [--lock-timeout S]
-    telesession export URL [-o FILE]
+    telesession export URL [-o FILE] [--skip-corrupt]
     telesession import URL [FILE|-] [--overwrite | --skip-existing] [--lock-timeout S]
-    telesession migrate SRC_URL DST_URL [--overwrite] [--lock-timeout S]
+    telesession migrate SRC_URL DST_URL [--overwrite] [--skip-corrupt] [--lock-timeout S]
     telesession purge-expired URL [--ttl S] [--lock-timeout S]
     telesession stats URL [--json]
+    telesession import-states URL FILE [--overwrite | --skip-existing] [--bot-id ID]
 
 Every write takes the key's lock first, exactly as a running bot's handler does, so
 the command and the bot never clobber each other.  Commands that only read (and
@@ -22,12 +23,13 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from urllib.parse import unquote
 
 from .atomic import atomic_file
@@ -102,18 +104,55 @@ def _store_exists(scheme: str, path: str) -> bool:
     return os.path.exists(path)
 
 
+def _not_a_store(scheme: str, path: str) -> Optional[str]:
+    """Why the existing ``path`` cannot be a ``scheme`` store, or ``None`` (checked before opening it)."""
+    if scheme == "json" and not os.path.isdir(path):
+        return f"{path} is a file, not a directory of JSON sessions"
+    if scheme == "sqlite":
+        if os.path.isdir(path):
+            return f"{path} is a directory, not a SQLite database"
+        try:
+            with open(path, "rb") as f:
+                header = f.read(16)
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        if header and header != b"SQLite format 3\x00":
+            return f"{path} is not a SQLite database"
+    if scheme == "shelve":
+        import dbm
+
+        kind = dbm.whichdb(path)
+        if kind == "" or (kind is None and os.path.isfile(path)):
+            return f"{path} is not a shelve database (dbm does not recognize it)"
+    return None
+
+
+def refuse_memory(url: str, verb: str) -> None:
+    """A ``memory://`` destination keeps nothing once the command exits: refuse to write into it."""
+    if url.partition(":")[0].lower() == "memory":
+        raise CLIError(f"{verb} into {url} would keep nothing: a memory store lives only inside one "
+                       f"process; give a json:, shelve:, sqlite: or redis:// URL")
+
+
 def open_store(url: str, *, create: bool) -> Store:
-    """The store ``url`` names; with ``create=False`` a missing file store is ``NoStore``, not created."""
+    """The store ``url`` names; with ``create=False`` a missing file store is ``NoStore``, not created,
+    and a path that is not a store of that kind is said to be so (nothing is created or changed)."""
     _remember_secrets(url)
     if not create:
         local = _local_path(url)
         if local is not None and not _store_exists(*local):
             raise NoStore(f"no store at {local[1]}")
+        reason = _not_a_store(*local) if local is not None else None
+        if reason is not None:
+            raise CLIError(f"cannot read {scrub_url(url)}: {reason}")
+    # A PostgreSQL table is created only by commands that write (like a missing file store).
+    options = {"create_table": False} if not create and url.lower().startswith("postgres") else {}
     try:
-        return from_url(url)
+        return from_url(url, **options)
     except ImportError as exc:
+        extra = "postgres" if url.lower().startswith("postgres") else "redis"
         raise CLIError(f"cannot open {scrub_url(url)}: {exc}; install the extra it needs "
-                       f"(pip install 'telesession[redis]')") from exc
+                       f"(pip install 'telesession[{extra}]')") from exc
     except SessionError:
         raise
     except ValueError as exc:  # a bad URL: from_url's message lists the schemes
@@ -193,52 +232,43 @@ def _key_list(keys: Sequence[str], limit: int = 10) -> str:
 
 
 class Progress:
-    """A one-line progress bar on ``stream`` (stderr), drawn only when it is a terminal."""
+    """Progress of a long command on ``stream`` (stderr) by ``tqdm``, with rate and time left.
 
-    def __init__(self, label: str, total: int, stream: Optional[IO[str]] = None,
-                 interval: float = 0.1) -> None:
+    Drawn only when the stream is a terminal: piped or redirected output stays clean.
+    """
+
+    def __init__(self, label: str, total: int, stream: Optional[IO[str]] = None) -> None:
         self.label = label
         self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = interval
         self.done = 0
-        self._last = -math.inf
-        self._width = 0
+        stream = stream if stream is not None else sys.stderr
         try:
-            self.enabled = total > 0 and self.stream.isatty()
+            self.enabled = total > 0 and stream.isatty()
         except (AttributeError, ValueError):
             self.enabled = False
+        self._bar: Any = None
+        if self.enabled:
+            from tqdm import tqdm  # only on a terminal: piped commands never import it
+
+            try:
+                sized = os.get_terminal_size(stream.fileno()).columns >= 20
+            except (AttributeError, ValueError, OSError):
+                sized = False
+            # A terminal without a size (a bare pty) reports 0 x 0: tqdm would draw nothing.
+            size: Dict[str, Any] = {"dynamic_ncols": True} if sized else {"ncols": 80, "nrows": 24}
+            self._bar = tqdm(total=total, desc=label, file=stream, unit="session", leave=False,
+                             mininterval=0.1, **size)
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._last >= self.interval or self.done >= self.total:
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        try:
-            columns = os.get_terminal_size(self.stream.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-        columns = columns if columns > 20 else 80  # a pty without a size reports 0
-        done = min(self.done, self.total)
-        counter = f" {done}/{self.total} {100 * done // self.total:3d}%"
-        size = max(10, min(40, columns - len(self.label) - len(counter) - 4))
-        filled = size * done // self.total
-        line = f"{self.label} [{'#' * filled}{'.' * (size - filled)}]{counter}"[:max(columns - 1, 1)]
-        self.stream.write("\r" + line)
-        self.stream.flush()
-        self._width = len(line)
+        if self._bar is not None:
+            self._bar.update(n)
 
     def close(self) -> None:
         """Erase the bar, so the next line starts clean."""
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> "Progress":
         return self
@@ -278,27 +308,65 @@ def cmd_ls(args: argparse.Namespace) -> int:
             size = "?" if row["size"] is None else row["size"]
             _out(f"{name:<{key_width}}  {size:>{size_width}}  {when}")
     if unreadable:
-        raise CLIError(_unreadable_message(unreadable))
+        raise CLIError(_unreadable_message(unreadable, args.url))
     return 0
 
 
-def _unreadable_message(errors: List[CorruptSessionError]) -> str:
-    first = str(errors[0])
+def _with_url(text: str, url: str) -> str:
+    """``text`` with the library's placeholder ``telesession rm URL KEY`` made a command one can paste."""
+    if "(telesession rm URL " not in text:
+        return text
+    quoted = shlex.quote(scrub_url(url))
+    return re.sub(r"\(telesession rm URL (.*)\)",
+                  lambda m: f"(telesession rm {quoted} {shlex.quote(m.group(1))})", text, count=1)
+
+
+def _unreadable_message(errors: List[CorruptSessionError], url: str) -> str:
+    first = _with_url(str(errors[0]), url)
     if len(errors) == 1:
         return first
     return f"{len(errors)} unreadable sessions ({_key_list([str(e.key) for e in errors])}); first: {first}"
 
 
+def _skipped_note(skipped: List[CorruptSessionError]) -> None:
+    """List the records ``--skip-corrupt`` left out, each with why it does not parse."""
+    _note(f"skipped {_plural(len(skipped), 'unreadable session')} (--skip-corrupt): "
+          f"{_key_list([str(e.key) for e in skipped])}")
+    for exc in skipped:
+        _note(f"  {_show_key(str(exc.key))}: {_reason(exc)}")
+
+
+def _reason(exc: CorruptSessionError) -> str:
+    """Why a record does not parse, without the advice around it."""
+    cause = exc.__cause__
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    return str(exc)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """The session data of one key as indented JSON (``--record``: the whole record)."""
     with open_store(args.url, create=False) as store:
-        found = _read(store, args.key)
-    if found is None:
-        raise CLIError(f"no session {args.key!r} in {scrub_url(args.url)}")
-    raw, data, _, _ = found
+        raw = store.load(args.key)
+        if raw is None:
+            raise CLIError(f"no session {args.key!r} in {scrub_url(args.url)}")
+        try:
+            data, _, _ = parse_record(raw, args.key, _where(store, args.key))
+        except CorruptSessionError as exc:
+            if not args.record:
+                raise CLIError(f"{_with_url(str(exc), args.url)}; `show --record` prints it as stored") from exc
+            _stdout_raw(raw)  # what is stored, byte for byte, then why it does not parse
+            raise CLIError(f"session {args.key!r} is printed as stored above, but it does not parse as a "
+                           f"record ({store.describe(args.key)}): {_reason(exc)}") from exc
     value = json.loads(raw.decode("utf-8", "surrogatepass")) if args.record else data
     _out(_json(value, indent=2))
     return 0
+
+
+def _stdout_raw(raw: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(raw if raw.endswith(b"\n") else raw + b"\n")
+    sys.stdout.buffer.flush()
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -336,6 +404,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Every session as JSON lines: ``{"key", "version", "written", "data"}``."""
     to_file = args.output not in (None, "-")
+    skipped: List[CorruptSessionError] = []
     with open_store(args.url, create=False) as store:
         keys = _sorted_keys(store)
         count = 0
@@ -343,8 +412,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             with (atomic_file(args.output) if to_file else _stdout_bytes()) as out, \
                     Progress("export", len(keys)) as bar:
                 for key in keys:
-                    found = _read(store, key)
                     bar.advance()
+                    try:
+                        found = _read(store, key)
+                    except CorruptSessionError as exc:
+                        if not args.skip_corrupt:
+                            raise
+                        skipped.append(exc)
+                        continue
                     if found is None:
                         continue
                     _, data, version, written = found
@@ -357,8 +432,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise
             outcome = (f"nothing was written to {args.output}" if to_file
                        else f"the output is incomplete: it stops after {_plural(count, 'session')}")
-            raise CLIError(f"{exc}; export failed, {outcome}") from exc
+            skip = "; --skip-corrupt leaves unreadable ones out" if isinstance(exc, CorruptSessionError) else ""
+            raise CLIError(f"{_with_url(str(exc), args.url)}; export failed, {outcome}{skip}") from exc
     _note(f"exported {_plural(count, 'session')}" + (f" to {args.output}" if to_file else ""))
+    if skipped:
+        _skipped_note(skipped)
     return 0
 
 
@@ -414,6 +492,9 @@ def _parse_line(n: int, line_bytes: bytes, seen: Dict[str, int]) -> Tuple[int, s
     seen[key] = n
     if "data" not in obj:
         raise ValueError(f'session {key!r} has no "data"')
+    if not isinstance(obj["data"], dict):
+        raise ValueError(f'"data" of {key!r} must be a JSON object (a session is a dict, or a dataclass\'s '
+                         f'fields), not {_json_type(obj["data"])}')
     version = obj.get("version", 0)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ValueError(f'"version" of {key!r} must be an integer >= 0, not {version!r}')
@@ -428,6 +509,21 @@ def _parse_line(n: int, line_bytes: bytes, seen: Dict[str, int]) -> Tuple[int, s
     return n, key, version, None if written is None else float(written), data_json
 
 
+def _json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type, with its article: an array, a string, a number, null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
 def _same_session(raw: bytes, key: str, version: int, data_json: str) -> bool:
     """Whether the stored record holds this data and version (its write time does not matter)."""
     try:
@@ -439,11 +535,16 @@ def _same_session(raw: bytes, key: str, version: int, data_json: str) -> bool:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Write the sessions of an export, each under its key's lock; refuse to replace different ones."""
+    refuse_memory(args.url, "importing")
     if args.file == "-":
         blob = sys.stdin.buffer.read()
     else:
-        with open(args.file, "rb") as f:
-            blob = f.read()
+        try:
+            with open(args.file, "rb") as f:
+                blob = f.read()
+        except OSError as exc:
+            raise CLIError(f"cannot read the export {args.file}: {exc.strerror or exc}; nothing was imported") \
+                from None
     entries = _parse_import(blob)
     mode = "overwrite" if args.overwrite else "skip" if args.skip_existing else "refuse"
     with open_store(args.url, create=True) as store:
@@ -506,6 +607,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_states(args: argparse.Namespace) -> int:
+    """Copy the states of telebot's ``StatePickleStorage`` file into a ``StateStorage`` on URL."""
+    import pickle
+
+    from .states import StateStorage, import_pickle
+
+    mode = "overwrite" if args.overwrite else "skip" if args.skip_existing else "refuse"
+    with open_store(args.url, create=True) as store:
+        try:
+            counts = import_pickle(StateStorage(store, lock_timeout=args.lock_timeout), args.file,
+                                   prefix=args.prefix, separator=args.separator, bot_id=args.bot_id, mode=mode)
+        except (ValueError, pickle.UnpicklingError, EOFError) as exc:
+            raise CLIError(f"{args.file}: {exc}") from exc
+    extras = [f"{counts[k]} {k}" for k in ("unchanged", "skipped") if counts[k]]
+    _out(f"imported {_plural(counts['imported'], 'state')}" + (f" ({', '.join(extras)})" if extras else ""))
+    return 0
+
+
 def _digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
@@ -513,6 +632,7 @@ def _digest(raw: bytes) -> bytes:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Copy every record byte for byte to another store, then read everything back to verify it."""
     src_name, dst_name = scrub_url(args.src), scrub_url(args.dst)
+    refuse_memory(args.dst, "migrating")
     local = _local_path(args.dst)
     # A destination that does not exist yet holds nothing to overwrite; it is created only once
     # the source has been checked, so a refused migration leaves no empty store behind.
@@ -524,13 +644,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 raise CLIError(f"{src_name} and {dst_name} are the same store")
             keys = _sorted_keys(src)
             conflicts = []
+            skipped: List[CorruptSessionError] = []
             with Progress("check", len(keys)) as bar:
                 for key in keys:
                     bar.advance()
                     try:
                         found = _read(src, key)
                     except CorruptSessionError as exc:  # stop before copying anything
-                        raise CLIError(f"{exc}; nothing was copied") from exc
+                        if args.skip_corrupt:
+                            skipped.append(exc)
+                            continue
+                        raise CLIError(f"{_with_url(str(exc), args.src)}; nothing was copied "
+                                       f"(--skip-corrupt copies the others)") from exc
                     if found is not None and dst is not None and _differs(dst, key, found[0]):
                         conflicts.append(key)
             if conflicts and not args.overwrite:
@@ -540,11 +665,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                                f"copied; use --overwrite to replace them")
             if dst is None:
                 dst = open_store(args.dst, create=True)
-            copied = _copy(src, dst, keys, args, src_name, dst_name)
+            left_out = {str(e.key) for e in skipped}
+            copied = _copy(src, dst, [k for k in keys if k not in left_out], args, src_name, dst_name,
+                           skipped)
         finally:
             if dst is not None:
                 dst.close()
     _out(f"copied {_plural(len(copied), 'session')}, verified")
+    if skipped:
+        _skipped_note(skipped)
     return 0
 
 
@@ -558,14 +687,22 @@ def _differs(dst: Store, key: str, raw: bytes) -> bool:
 
 
 def _copy(src: Store, dst: Store, keys: List[str], args: argparse.Namespace, src_name: str,
-          dst_name: str) -> Dict[str, bytes]:
-    """Copy the records of ``keys`` under the destination's key locks, then verify; key -> SHA-256."""
+          dst_name: str, skipped: List[CorruptSessionError]) -> Dict[str, bytes]:
+    """Copy the records of ``keys`` under the destination's key locks, then verify; key -> SHA-256.
+
+    With ``--skip-corrupt`` a record that became unreadable since the check joins ``skipped``."""
     copied: Dict[str, bytes] = {}  # key -> SHA-256 of the record copied
     try:
         with Progress("migrate", len(keys)) as bar:
             for key in keys:
                 bar.advance()
-                found = _read(src, key)
+                try:
+                    found = _read(src, key)
+                except CorruptSessionError as exc:
+                    if not args.skip_corrupt:
+                        raise
+                    skipped.append(exc)
+                    continue
                 if found is None:
                     continue
                 raw = found[0]
@@ -588,11 +725,12 @@ def _copy(src: Store, dst: Store, keys: List[str], args: argparse.Namespace, src
             f"{dst_name} is now PARTIAL (it holds {len(copied)} of them): fix the cause and run the "
             f"migration again with --overwrite",
             130 if isinstance(exc, KeyboardInterrupt) else 1) from exc
-    _verify(src, dst, copied, src_name, dst_name)
+    _verify(src, dst, copied, src_name, dst_name, {str(e.key) for e in skipped})
     return copied
 
 
-def _verify(src: Store, dst: Store, copied: Dict[str, bytes], src_name: str, dst_name: str) -> None:
+def _verify(src: Store, dst: Store, copied: Dict[str, bytes], src_name: str, dst_name: str,
+            skipped: Set[str]) -> None:
     """The destination holds every copied record, byte for byte, and the source did not move meanwhile."""
     dst_keys = set(dst.keys())
     present = [k for k in copied if k in dst_keys]
@@ -605,7 +743,7 @@ def _verify(src: Store, dst: Store, copied: Dict[str, bytes], src_name: str, dst
         raise CLIError(f"verification failed: {dst_name} has {len(present) - len(differ)} of the "
                        f"{len(copied)} sessions copied from {src_name}: {details}; run the migration "
                        f"again with --overwrite")
-    src_now = _sorted_keys(src)
+    src_now = [k for k in _sorted_keys(src) if k not in skipped]
     changed = [k for k in src_now if k not in copied or _digest(src.load(k) or b"") != copied[k]]
     still_there = set(src_now)
     gone = [k for k in copied if k not in still_there]
@@ -653,7 +791,7 @@ def cmd_purge_expired(args: argparse.Namespace) -> int:
     _out(f"removed {_plural(removed, 'expired session')}"
          + (f"; {len(busy)} in use left alone ({_key_list(busy)})" if busy else ""))
     if unreadable:
-        raise CLIError(f"left alone: {_unreadable_message(unreadable)}")
+        raise CLIError(f"left alone: {_unreadable_message(unreadable, args.url)}")
     return 0
 
 
@@ -690,28 +828,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if unreadable:
             _out(f"unreadable:      {len(unreadable)}")
     if unreadable:
-        raise CLIError(_unreadable_message(unreadable))
+        raise CLIError(_unreadable_message(unreadable, args.url))
     return 0
 
 
 # -- the parser and main ---------------------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
+def _number_of_seconds(text: str, *, zero: bool) -> float:
+    """``text`` as seconds; one wording for every bad value (a word, ``nan``, ``-5`` or, unless ``zero``, ``0``)."""
+    bound = ">= 0" if zero else "> 0"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds {bound}, not {text!r}")
     return value
+
+
+def _seconds(text: str) -> float:
+    return _number_of_seconds(text, zero=True)
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
-    return value
+    return _number_of_seconds(text, zero=False)
 
 
 _EPILOG = f"""\
@@ -761,6 +902,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE (atomically, mode 0600) instead of stdout")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave unreadable records out and list them at the end (default: stop at the first)")
 
     p = command("import", cmd_import, "write the sessions of an export (JSON lines) into a store", [locking])
     p.add_argument("url", metavar="URL")
@@ -774,6 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC_URL")
     p.add_argument("dst", metavar="DST_URL")
     p.add_argument("--overwrite", action="store_true", help="replace sessions that exist in DST_URL")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="copy the readable records, list the unreadable ones at the end (default: copy nothing)")
 
     p = command("purge-expired", cmd_purge_expired,
                 "delete sessions not written for --ttl seconds (without --ttl: the store's own expiry)",
@@ -781,6 +926,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", metavar="URL")
     p.add_argument("--ttl", type=_positive_seconds, metavar="SECONDS",
                    help="age of the last write beyond which a session is deleted")
+
+    p = command("import-states", cmd_import_states,
+                "copy the states of telebot's StatePickleStorage file into a telesession.StateStorage",
+                [locking])
+    p.add_argument("url", metavar="URL")
+    p.add_argument("file", metavar="FILE", help="the StatePickleStorage file (e.g. .state-save/states.pkl)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing states with other values")
+    group.add_argument("--skip-existing", action="store_true", help="keep existing states, import the rest")
+    p.add_argument("--bot-id", type=int, help="the bot id for keys written without one")
+    p.add_argument("--prefix", default="telebot", help="the StatePickleStorage prefix (default: telebot)")
+    p.add_argument("--separator", default=":", help="the StatePickleStorage separator (default: :)")
 
     p = command("stats", cmd_stats, "number of sessions, total size, oldest and newest write")
     p.add_argument("url", metavar="URL")
@@ -830,6 +987,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         code = exc.code if isinstance(exc, CLIError) else 1
         message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and not isinstance(exc, SessionError) and exc.strerror:
+            message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror  # not "[Errno 2] ..."
+        url = getattr(args, "url", None) or getattr(args, "src", None)
+        if url:
+            message = _with_url(message, url)
         if isinstance(exc, LockTimeout) and hasattr(args, "lock_timeout"):
             message += f" (this command waited --lock-timeout {args.lock_timeout:g} s)"
         sys.stderr.write(f"{PROG}: error: {_one_line(message)}\n")

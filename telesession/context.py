@@ -6,6 +6,7 @@ threads are reused, so nothing may stay behind.  Frames are removed by identity,
 not by ``ContextVar.reset``, because telebot runs middleware ``post_process``
 hooks in registration order, not in reverse.
 """
+import dataclasses
 import os
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
@@ -63,15 +64,73 @@ def _innermost() -> Any:
     return handle.data if handle.state == LOADED else handle.value()
 
 
+class _Forwarded:
+    """A mapping method of the proxy that is the session's own attribute.
+
+    ``session.get`` is the dict's bound ``get`` for a dict session and the field named
+    ``get`` for a dataclass session that has one, so field names are never shadowed by
+    the proxy (looked up on the class, without a ``__getattribute__`` on every access).
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, proxy: Any, owner: Any = None) -> Any:
+        if proxy is None:
+            return self
+        return getattr(proxy._resolve(), self.name)
+
+
+class _Delete:
+    """``session.delete``: the field of a dataclass session that has one, else the proxy's ``delete()``."""
+
+    def __get__(self, proxy: Any, owner: Any = None) -> Any:
+        if proxy is None:
+            return self
+        try:
+            value = proxy._resolve()
+        except NoActiveSession:
+            value = None
+        if value is not None and "delete" in getattr(type(value), "__dataclass_fields__", ()):
+            return value.delete
+        return proxy._delete_session
+
+
 class SessionProxy(MutableMapping):  # type: ignore[type-arg]
     """Stands for a session that is looked up on every use.
 
     Item access works for dict sessions, attribute access for dataclass sessions;
     ``delete()`` drops the whole session (removed from the store when the handler
     returns).  ``proxy.__wrapped__`` is the session object itself.
+
+    Every attribute is the session's own: ``session.get`` is the dict's ``get``, and a
+    dataclass field named ``items``, ``get`` or ``keys`` is the field, not a mapping
+    method; ``delete`` is the field when the dataclass has one (then use
+    ``sessions.delete_current()``); ``isinstance(proxy, YourClass)`` holds.
     """
 
     __slots__ = ("_resolve", "_delete")
+
+    get = _Forwarded("get")
+    setdefault = _Forwarded("setdefault")
+    keys = _Forwarded("keys")
+    items = _Forwarded("items")
+    values = _Forwarded("values")
+    pop = _Forwarded("pop")
+    popitem = _Forwarded("popitem")
+    update = _Forwarded("update")
+    clear = _Forwarded("clear")
+    delete = _Delete()
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> Any:  # what isinstance() consults after the real type
+        try:
+            value = self._resolve()
+        except NoActiveSession:
+            return SessionProxy
+        return type(value) if dataclasses.is_dataclass(value) else SessionProxy
 
     def __init__(self, resolve: Callable[[], Any], delete: Optional[Callable[[], None]] = None) -> None:
         object.__setattr__(self, "_resolve", resolve)
@@ -81,7 +140,7 @@ class SessionProxy(MutableMapping):  # type: ignore[type-arg]
     def __wrapped__(self) -> Any:
         return self._resolve()
 
-    def delete(self) -> None:
+    def _delete_session(self) -> None:
         """Drop this session: it is deleted from the store after the handler returns."""
         if self._delete is None:
             stack = _stack.get()
@@ -108,21 +167,6 @@ class SessionProxy(MutableMapping):  # type: ignore[type-arg]
 
     def __contains__(self, item: Any) -> bool:
         return item in self._resolve()
-
-    def get(self, item: Any, default: Any = None) -> Any:
-        return self._resolve().get(item, default)
-
-    def setdefault(self, item: Any, default: Any = None) -> Any:
-        return self._resolve().setdefault(item, default)
-
-    def keys(self) -> Any:  # type: ignore[override]
-        return self._resolve().keys()
-
-    def items(self) -> Any:  # type: ignore[override]
-        return self._resolve().items()
-
-    def values(self) -> Any:  # type: ignore[override]
-        return self._resolve().values()
 
     def __eq__(self, other: Any) -> bool:
         if isinstance(other, SessionProxy):
@@ -173,7 +217,7 @@ class HandleProxy(SessionProxy):
         handle = self._handle
         return handle.data if handle.state == LOADED else handle.value()
 
-    def delete(self) -> None:
+    def _delete_session(self) -> None:
         """Drop this session: it is deleted from the store after the handler returns."""
         self._handle.delete()
 

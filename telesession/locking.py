@@ -6,16 +6,22 @@ grow with every chat ever seen.  ``RangeLockFile`` gives one owner per key among
 processes with POSIX record locks on one byte of a single lock file per store,
 opened once per process: no file is opened per update, and the kernel drops
 the locks of a process that dies, so a killed bot never leaves a stale lock.
+Where ``fcntl`` is missing (Windows), or when ``TELESESSION_LOCKS=filelock`` forces
+it, ``range_lock_file_for`` returns a ``telesession.locking_portable.PortableLockFile``
+instead (one ``filelock`` per key): processes are never left unlocked.
 """
 import functools
 import hashlib
+import logging
 import os
 import threading
 import time
-from typing import Dict, Hashable, List, Optional
+from typing import Dict, Hashable, List, Optional, Tuple, Union
 
-__all__ = ["KeyLocks", "RangeLockFile", "key_locks_for", "range_lock_file_for", "held_keys",
-           "current_pid", "key_offset"]
+from .locking_portable import PortableLockFile
+
+__all__ = ["KeyLocks", "RangeLockFile", "ProcessLockFile", "key_locks_for", "range_lock_file_for", "held_keys",
+           "current_pid", "key_offset", "lock_backend", "LOCKS_ENV"]
 
 try:  # POSIX
     import fcntl
@@ -24,6 +30,12 @@ except ImportError:  # pragma: no cover - Windows
 
 
 ACQUIRED, REENTERED = 1, 2
+
+#: Environment variable choosing the cross-process lock backend: ``posix`` (``fcntl`` record
+#: locks, the default where available) or ``filelock`` (portable, the default elsewhere).
+LOCKS_ENV = "TELESESSION_LOCKS"
+
+logger = logging.getLogger("telesession")
 
 _get_ident = threading.get_ident
 
@@ -126,6 +138,9 @@ class RangeLockFile:
     """
 
     def __init__(self, path: str) -> None:
+        if fcntl is None:
+            raise RuntimeError("POSIX record locks are not available here: use range_lock_file_for(), "
+                               "which falls back to filelock")
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
 
@@ -138,8 +153,6 @@ class RangeLockFile:
 
     def lock_at(self, offset: int, timeout: float) -> bool:
         """Take the lock byte at ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds."""
-        if fcntl is None:  # pragma: no cover - no cross-process locking without POSIX locks
-            return True
         deadline = None
         delay = 0.00005  # a key is usually held for one update (tens of µs): look again soon, then back off
         while True:
@@ -157,8 +170,6 @@ class RangeLockFile:
                 delay = min(delay * 2, 0.01)
 
     def unlock_at(self, offset: int) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
 
     def lock_writer(self) -> None:
@@ -187,7 +198,25 @@ def current_pid() -> int:
     """``os.getpid()`` without the system call: kept up to date across ``fork``."""
     return _pid
 _key_locks: Dict[Hashable, KeyLocks] = {}
-_lock_files: Dict[str, RangeLockFile] = {}
+
+#: What a store locks keys of other processes with: one byte per key, or one filelock per key.
+ProcessLockFile = Union[RangeLockFile, PortableLockFile]
+_lock_files: Dict[Tuple[str, str], ProcessLockFile] = {}
+
+
+def lock_backend() -> str:
+    """``"posix"`` or ``"filelock"``: ``TELESESSION_LOCKS`` if set, else ``posix`` where ``fcntl`` exists."""
+    wanted = os.environ.get(LOCKS_ENV, "").strip().lower()
+    if wanted in ("", "auto"):
+        return "posix" if fcntl is not None else "filelock"
+    if wanted == "filelock":
+        return wanted
+    if wanted == "posix":
+        if fcntl is None:
+            raise RuntimeError(f"{LOCKS_ENV}=posix, but this system has no POSIX record locks (fcntl); "
+                               f"unset it to use filelock")
+        return wanted
+    raise ValueError(f"{LOCKS_ENV}={wanted!r} is not a lock backend: use 'posix' or 'filelock'")
 
 
 def key_locks_for(location: Hashable) -> KeyLocks:
@@ -206,13 +235,19 @@ def held_keys() -> List[str]:
     return [key for locks in registries for key in locks.held()]
 
 
-def range_lock_file_for(path: str) -> RangeLockFile:
-    """The one open ``RangeLockFile`` of ``path`` in this process."""
+def range_lock_file_for(path: str) -> ProcessLockFile:
+    """The one cross-process lock file of ``path`` in this process, of the backend ``lock_backend()`` names."""
     path = os.path.realpath(path)
+    backend = lock_backend()
     with _registry_mutex:
-        lock_file = _lock_files.get(path)
+        lock_file = _lock_files.get((backend, path))
         if lock_file is None:
-            lock_file = _lock_files[path] = RangeLockFile(path)
+            if backend == "posix":
+                lock_file = RangeLockFile(path)
+            else:
+                lock_file = PortableLockFile(path, key_offset)
+            logger.debug("cross-process locks of %s: %s", path, backend)
+            _lock_files[(backend, path)] = lock_file
         return lock_file
 
 

@@ -12,8 +12,11 @@ serialized form changed, never when the handler raised (unless
 import dataclasses
 import functools
 import logging
+import threading
 import time
-from typing import Any, Callable, Dict, Generic, Mapping, Optional, TypeVar, Union, cast, overload
+import weakref
+from typing import (Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union, cast,
+                    overload)
 
 from msgspec import DecodeError
 
@@ -21,14 +24,16 @@ from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
 from .records import (RECORD_US, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
-                      encode_json, from_plain, read_record, to_plain)
+                      encode_json, read_record)
 from .stores.base import Store
+from .typed import adopt, check_typed, encode_typed, from_plain, reset_in_place
 
 __all__ = ["Sessions", "configure", "default_sessions", "with_session"]
 
 logger = logging.getLogger("telesession")
 
 T = TypeVar("T")
+D = TypeVar("D")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _UNLOADED, _LOADED, _CLOSED = 0, context.LOADED, 2
@@ -47,7 +52,8 @@ def _checked(key: str) -> str:
 class _Handle:
     """The state of one opened session: its lock, the record it was loaded from, its value."""
 
-    __slots__ = ("manager", "key", "store", "state", "token", "raw", "data", "baseline", "deleted", "pid")
+    __slots__ = ("manager", "key", "store", "state", "token", "raw", "data", "baseline", "deleted", "pid",
+                 "dropped")
 
     def __init__(self, manager: "Sessions[Any]", key: Optional[str]) -> None:
         self.manager = manager
@@ -57,8 +63,9 @@ class _Handle:
         self.token: Any = None
         self.raw: Optional[bytes] = None
         self.data: Any = None
-        self.baseline: Optional[bytes] = None
+        self.baseline: Union[bytes, str, None] = None  # bytes for a dict session, str for a typed one
         self.deleted = False
+        self.dropped: List[str] = []  # stored fields the dataclass no longer has
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:
@@ -86,28 +93,35 @@ class _Handle:
         try:
             raw = store.load_locked(key, self.token)
             self.raw = raw
-            data = data_json = None
+            data = None
             if raw is not None:
-                try:  # read_record's fast path, inlined: one decode of the record, one encode of its data
+                try:  # read_record's fast path, inlined: one msgspec decode of the whole record
                     record = _decode_record(raw)
                     data, version, written = record.data, record.version, record.written
-                    data_json = _encode(data)
-                except (DecodeError, RecursionError, UnicodeEncodeError):
-                    data, version, written, data_json = read_record(raw, key, self.where)
+                except (DecodeError, RecursionError):
+                    data, version, written, _ = read_record(raw, key, self.where)
                 if m.ttl is not None and written is not None and time.time() - written > m.ttl:
                     logger.debug("session %r expired (written %.0f s ago)", key, time.time() - written)
                     raw = None
             if raw is None:
-                self.data = m.initial()
-                self.baseline = encode_json(to_plain(self.data), key, self.where)
-            elif version == m.version:
-                self.data = data if m.dataclass is None else from_plain(m.dataclass, data, key, self.where)
-                # Our own records carry the data's JSON verbatim: no need to encode it again.
-                self.baseline = data_json or encode_json(to_plain(self.data), key, self.where)
-            else:  # a migrated record is written back even if the handler changes nothing
-                data = m._migrate(data, version, key, self.where)
-                self.data = from_plain(m.dataclass, data, key, self.where)
-                self.baseline = None
+                self.data = m._fresh()
+                self.baseline = m._encode(self.data, key, self.where)
+            elif m.dataclass is None:
+                if version == m.version:
+                    self.data = data
+                    try:  # the baseline for change detection: the data as it was read, encoded again
+                        self.baseline = _encode(data)
+                    except UnicodeEncodeError:  # a lone surrogate: as the json module wrote it
+                        self.baseline = encode_json(data, key, self.where)
+                else:  # a migrated record is written back even if the handler changes nothing
+                    self.data = m._migrate(data, version, key, self.where)
+                    self.baseline = None
+            else:
+                migrated = version != m.version
+                if migrated:
+                    data = m._migrate(data, version, key, self.where)
+                self.data, self.dropped = from_plain(m.dataclass, data, key, self.where)
+                self.baseline = None if migrated else encode_typed(self.data, key, self.where)
         except BaseException:
             store.release(key, self.token)
             self.state = _CLOSED
@@ -115,12 +129,20 @@ class _Handle:
         self.state = _LOADED
 
     def delete(self) -> None:
-        """Replace the session by a fresh one; the record is deleted when the scope closes."""
+        """Replace the session by a fresh one; the record is deleted when the scope closes.
+
+        A typed session is reset in place, so the instance a handler holds stays the session.
+        """
         self.value()
         m = self.manager
-        self.data = m.initial()
-        self.baseline = encode_json(to_plain(self.data), cast(str, self.key), self.where)
+        fresh = m._fresh()
+        if m.dataclass is None:
+            self.data = fresh
+        else:
+            reset_in_place(self.data, fresh)
+        self.baseline = m._encode(fresh, cast(str, self.key), self.where)
         self.deleted = True
+        self.dropped = []
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
@@ -151,24 +173,35 @@ class _Handle:
         """The record to save, or ``None`` when nothing changed (a dropped session is deleted here)."""
         m = self.manager
         key: str = self.key  # type: ignore[assignment]
-        plain = self.data if m.dataclass is None else to_plain(self.data)
-        # encode_json and build_record, inlined for the usual case: encoded, checked to read back
-        # equal (changed or not), and compared with what was loaded.
-        try:
-            text = _encode(plain)
-            if _decode(text) != plain:
-                raise ValueError
-        except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
-            text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
+        if m.dataclass is None:
+            # encode_json and build_record, inlined for the usual case: encoded, checked to read
+            # back equal (changed or not), and compared with what was loaded.
+            plain = self.data
+            try:
+                text: Union[bytes, str] = _encode(plain)
+                if _decode(text) != plain:
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
+                text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
+            if text == self.baseline:
+                if self.deleted and self.raw is not None:
+                    self.store.delete(key, previous=self.raw)
+                return None
+            try:
+                seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
+                return RECORD_US % (m.version, seconds, us, _encode(key), text)
+            except UnicodeEncodeError:
+                return build_record(key, text, m.version, time.time())
+        text = m._encode(self.data, key, self.where)
         if text == self.baseline:
             if self.deleted and self.raw is not None:
                 self.store.delete(key, previous=self.raw)
             return None
-        try:
-            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
-            return RECORD_US % (m.version, seconds, us, _encode(key), text)
-        except UnicodeEncodeError:
-            return build_record(key, text, m.version, time.time())
+        check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
+        if self.dropped:
+            logger.info("session %r: dropped the stored fields %s, which %s no longer has",
+                        key, ", ".join(self.dropped), m.dataclass.__name__)
+        return build_record(key, text, m.version, time.time())
 
 
 class _Frame:
@@ -191,20 +224,24 @@ class _Frame:
             context.remove(self)
 
 
-class _Scope:
-    """The one code path: lock, load, bind, run the body, save if changed, unbind, unlock."""
+class _Scope(Generic[T]):
+    """The one code path: lock, load, bind, run the body, save if changed, unbind, unlock.
+
+    ``key`` is the manager's key (``"123"``); the scope works on its stored key
+    (``manager._stored_key(key)``, e.g. ``"session:123"``).
+    """
 
     __slots__ = ("manager", "key", "origin", "frame", "owner")
 
-    def __init__(self, manager: "Sessions[Any]", key: Optional[str], origin: Any = None) -> None:
+    def __init__(self, manager: "Sessions[T]", key: Optional[str], origin: Any = None) -> None:
         self.manager = manager
-        self.key = key
+        self.key = None if key is None else manager._stored_key(key)
         self.origin = origin
         self.frame: Optional[_Frame] = None
         self.owner = False
 
-    def __enter__(self) -> Any:
-        return self.manager._proxy_for(self.enter())
+    def __enter__(self) -> T:
+        return cast(T, self.manager._proxy_for(self.enter()))
 
     def enter(self) -> _Handle:
         """Lock, load and bind; the handle of the (possibly re-entered) session."""
@@ -243,7 +280,7 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
     """
     key = manager.key_of(update)
     if key is None or manager.lazy or context._stack.get():
-        scope = _Scope(manager, key)
+        scope: _Scope[Any] = _Scope(manager, key)
         scope.enter()
         try:
             result = func(update, *args, **kwargs)
@@ -252,7 +289,7 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
             raise
         scope.__exit__(None, None, None)
         return result
-    handle = _Handle(manager, key)
+    handle = _Handle(manager, manager._stored_key(key))
     handle.load()
     frame = _Frame(manager, handle, None, True)
     stack = (frame,)
@@ -323,15 +360,18 @@ class Sessions(Generic[T]):
             raise ValueError("lock_timeout must be a number of seconds >= 0")
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be a positive number of seconds, or None")
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, not {version!r}")
+        # Only the migrations stored records still need: a record needing a missing one is refused on load.
         migrations = dict(migrations or {})
-        missing = [v for v in range(1, version + 1) if v not in migrations]
-        if version < 0 or (version and missing):
-            raise ValueError(f"version={version} needs migrations for versions {missing}: "
-                             "migrations[v](data) returns the data of version v")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"name={name!r}: a manager's name is part of its stored keys "
+                             f"(\"{{name}}:{{key}}\") and names the handler parameter that receives the "
+                             f"session; use a Python identifier, such as 'session' or 'profile'")
         self.store: Store = store
         self.initial: Callable[[], T] = initial
-        self.dataclass: Optional[type] = (initial if isinstance(initial, type)
-                                          and dataclasses.is_dataclass(initial) else None)
+        #: The session's dataclass (typed sessions), or ``None`` for dict sessions.
+        self.dataclass: Optional[type] = _session_dataclass(initial)
         self.key = key
         self.name = name
         self.lock_timeout = float(lock_timeout)
@@ -340,14 +380,29 @@ class Sessions(Generic[T]):
         self.version = version
         self.migrations: Dict[int, Callable[[Any], Any]] = migrations
         self.lazy = lazy
+        #: The bot this manager is bound to by ``setup``/``bind`` (its id), or ``None``.
+        self.bot_id: Optional[int] = None
+        self._namespace = f"{name}:"
+        _watch_namespace(self)
         self._current = context.SessionProxy(self._current_value, self._delete_current)
 
     # -- the public surface ---------------------------------------------------------
 
     @property
     def current(self) -> T:
-        """This manager's innermost active session (a proxy; ``NoActiveSession`` outside one)."""
-        return cast(T, self._current)
+        """This manager's innermost active session; ``NoActiveSession`` outside one.
+
+        A dict session is a proxy (looked up on every use); a typed (dataclass) session
+        is the instance itself, so read ``sessions.current`` inside the handler.
+        """
+        if self.dataclass is None:
+            return cast(T, self._current)
+        return cast(T, self._current_value())
+
+    def delete_current(self) -> None:
+        """Drop this manager's active session: its record is deleted when the handler returns,
+        and the next update starts from ``initial()`` (a typed session is reset in place)."""
+        self._delete_current()
 
     def with_session(self, func: F) -> F:
         """Decorate a handler: its first argument's session is loaded, bound and saved around it."""
@@ -357,17 +412,94 @@ class Sessions(Generic[T]):
         wrapper = functools.update_wrapper(functools.partial(_run, self, func), func)
         return cast(F, wrapper)
 
-    def open(self, key: str) -> "_Scope":
+    def open(self, key: str) -> "_Scope[T]":
         """``with sessions.open("123") as s:`` — a session outside handlers, same locking and saving."""
         if not isinstance(key, str):
             raise TypeError(f"a session key is a str, not {type(key).__name__} ({key!r})")
         return _Scope(self, _checked(key))
 
     def setup(self, bot: Any, **options: Any) -> Any:
-        """Install a ``SessionMiddleware`` on ``bot`` (a ``TeleBot(use_class_middlewares=True)``)."""
+        """Install a ``SessionMiddleware`` on ``bot`` (a ``TeleBot(use_class_middlewares=True)``)
+        and bind this manager to the bot (``bind``): its keys are then stored per bot."""
         from .middleware import install
 
-        return install(self, bot, **options)
+        bot_id = bot_id_of(bot)
+        self._check_bot(bot_id)
+        middleware = install(self, bot, **options)
+        self.bind(bot_id)
+        return middleware
+
+    def bind(self, bot: Any) -> None:
+        """Store this manager's sessions under the bot's id: ``"{bot_id}:{name}:{key}"``.
+
+        ``bot`` is a ``TeleBot``, its token, or its numeric id.  ``setup(bot)`` does it;
+        call it yourself where a script reads or opens a bot's sessions without the bot
+        running (``sessions.bind(123456)``).  The id is the number before ``:`` in the
+        token, so it survives a token change.  A manager serves one bot.
+        """
+        bot_id = bot_id_of(bot)
+        self._check_bot(bot_id)
+        self.bot_id = bot_id
+        self._namespace = f"{bot_id}:{self.name}:"
+        _watch_namespace(self)
+
+    def keys(self) -> Iterator[str]:
+        """This manager's session keys (``"123"``, not the stored ``"session:123"``), streamed.
+
+        No lock is taken; with ``ttl``, expired sessions are left out (their records are read).
+        """
+        ns = self._namespace
+        n = len(ns)
+        if self.ttl is None:
+            for stored in self.store.keys(ns):
+                if stored.startswith(ns):
+                    yield stored[n:]
+        else:
+            for key, _ in self.items():
+                yield key
+
+    @overload
+    def get(self, key: str) -> Optional[T]: ...
+
+    @overload
+    def get(self, key: str, default: D) -> Union[T, D]: ...
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A snapshot of ``key``'s session (a copy: changing it changes nothing), or ``default``.
+
+        Read without the key's lock, as a handler would see it (migrated, decoded) but never
+        written back; an absent or expired session gives ``default``.  A record that cannot be
+        read raises ``CorruptSessionError``.
+        """
+        if not isinstance(key, str):
+            raise TypeError(f"a session key is a str, not {type(key).__name__} ({key!r})")
+        stored = self._stored_key(_checked(key))
+        raw = self.store.load(stored)
+        if raw is None:
+            return default
+        value = self._snapshot(stored, raw)
+        return default if value is _EXPIRED else value
+
+    def items(self, *, skip_corrupt: bool = False) -> Iterator[Tuple[str, T]]:
+        """``(key, snapshot)`` of every session of this manager, streamed; see ``get``.
+
+        ``skip_corrupt=True`` logs a WARNING for a record that cannot be read and goes on
+        (for broadcasts); by default it raises ``CorruptSessionError``.
+        """
+        ns = self._namespace
+        n = len(ns)
+        for stored, raw in self.store.records(ns):
+            if not stored.startswith(ns):
+                continue
+            try:
+                value = self._snapshot(stored, raw)
+            except CorruptSessionError as exc:
+                if not skip_corrupt:
+                    raise
+                logger.warning("skipped session %r: %s", stored, exc)
+                continue
+            if value is not _EXPIRED:
+                yield stored[n:], value
 
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""
@@ -383,6 +515,42 @@ class Sessions(Generic[T]):
 
     # -- internals ------------------------------------------------------------------
 
+    def _stored_key(self, key: str) -> str:
+        """Where the session of ``key`` is stored: ``"{name}:{key}"``, or ``"{bot_id}:{name}:{key}"``
+        once bound to a bot.  The one mapping from a manager's keys to a store's keys."""
+        return self._namespace + key
+
+    def _check_bot(self, bot_id: int) -> None:
+        if self.bot_id is not None and self.bot_id != bot_id:
+            raise ValueError(
+                f"the manager {self.name!r} already serves the bot {self.bot_id}; make a second "
+                f"Sessions(...) for the bot {bot_id} (their sessions are kept apart by bot id)")
+
+    def _fresh(self) -> Any:
+        """A new session from ``initial()`` (a typed one as its guarded class)."""
+        value = self.initial()
+        return value if self.dataclass is None else adopt(value, self.dataclass)
+
+    def _encode(self, value: Any, key: str, where: Any) -> Union[bytes, str]:
+        """The baseline/text of change detection: bytes for a dict session, str for a typed one."""
+        if self.dataclass is None:
+            return encode_json(value, key, where)
+        return encode_typed(value, key, where)
+
+    def _snapshot(self, stored: str, raw: bytes) -> Any:
+        """The session a record holds, decoded and migrated but never written back; ``_EXPIRED`` if so."""
+        def where() -> str:
+            return self.store.describe(stored)
+
+        data, version, written, _ = read_record(raw, stored, where)
+        if self.ttl is not None and written is not None and time.time() - written > self.ttl:
+            return _EXPIRED
+        if version != self.version:
+            data = self._migrate(data, version, stored, where)
+        if self.dataclass is None:
+            return data
+        return from_plain(self.dataclass, data, stored, where)[0]
+
     def _frame(self) -> _Frame:
         for frame in reversed(context.active_frames()):
             if frame.manager is self:
@@ -396,6 +564,10 @@ class Sessions(Generic[T]):
         self._frame().handle.delete()
 
     def _proxy_for(self, handle: _Handle) -> Any:
+        """What ``open()`` and the handler parameter get: a typed session itself (loaded now),
+        a dict session (or a lazy one) as a proxy."""
+        if self.dataclass is not None and not self.lazy and handle.key is not None:
+            return handle.value()
         return context.HandleProxy(handle)
 
     def _migrate(self, data: Any, version: int, key: str, where: Callable[[], str]) -> Any:
@@ -404,8 +576,14 @@ class Sessions(Generic[T]):
                 f"session {key!r} ({where()}) has version {version}, newer than this bot's "
                 f"version {self.version}; it was left untouched", key, where())
         for v in range(version + 1, self.version + 1):
+            migration = self.migrations.get(v)
+            if migration is None:
+                raise CorruptSessionError(
+                    f"session {key!r} ({where()}) has version {version} and needs migrations[{v}] "
+                    f"(to version {v}), which is missing; it was left untouched: add "
+                    f"migrations={{{v}: ...}} to Sessions(...)", key, where())
             try:
-                data = self.migrations[v](data)
+                data = migration(data)
             except Exception as exc:
                 raise CorruptSessionError(
                     f"session {key!r} ({where()}): migrations[{v}] failed: {type(exc).__name__}: {exc}",
@@ -414,6 +592,60 @@ class Sessions(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Sessions(store={self.store!r}, name={self.name!r})"
+
+
+_EXPIRED = object()
+
+# Live managers by (store location, namespace): two of them with different key functions
+# share sessions wherever their keys are equal (a private chat's id is its user's id).
+_namespaces: "weakref.WeakValueDictionary[Tuple[Any, str, int], Sessions[Any]]" = weakref.WeakValueDictionary()
+_namespaces_mutex = threading.Lock()
+
+
+def _watch_namespace(manager: "Sessions[Any]") -> None:
+    """Warn once when another live manager stores under the same namespace with another key function."""
+    try:
+        location = manager.store.location
+        hash(location)
+    except Exception:  # a store without a usable location: nothing to compare
+        return
+    with _namespaces_mutex:
+        others = [m for (loc, ns, _), m in list(_namespaces.items())
+                  if loc == location and ns == manager._namespace and m is not manager]
+        _namespaces[(location, manager._namespace, id(manager))] = manager
+    for other in others:
+        names = (getattr(other.key, "__name__", ""), getattr(manager.key, "__name__", ""))
+        if other.key is not manager.key and not any(str(n).startswith("prefixed(") for n in names):
+            # (keys.prefixed keys are kept apart by their prefix)
+            logger.warning(
+                "two managers store sessions under %r in %r with different key functions (%s, %s): "
+                "they share a session wherever their keys are equal (in a private chat the chat id is "
+                "the user id); give each its own name=", manager._namespace, manager.store,
+                getattr(other.key, "__name__", other.key), getattr(manager.key, "__name__", manager.key))
+            return
+
+
+def _session_dataclass(initial: Callable[[], Any]) -> Optional[type]:
+    """The dataclass of the sessions ``initial`` makes, or ``None``: a dataclass itself, or a
+    factory returning instances of one (called once here to find out)."""
+    if isinstance(initial, type):
+        return initial if dataclasses.is_dataclass(initial) else None
+    sample = initial()
+    if dataclasses.is_dataclass(sample) and not isinstance(sample, type):
+        return type(sample)
+    return None
+
+
+def bot_id_of(bot: Any) -> int:
+    """A bot's id: ``bot`` is an ``int``, a token ``"123456:ABC..."`` or an object with ``.token``."""
+    if isinstance(bot, int) and not isinstance(bot, bool):
+        return bot
+    token = bot if isinstance(bot, str) else getattr(bot, "token", None)
+    head = token.partition(":")[0] if isinstance(token, str) else ""
+    if not head.isdigit() or not head.isascii():
+        raise ValueError(f"cannot tell the bot id of {bot!r}: a token starts with the bot's number "
+                         f"and ':' (\"123456:ABC...\"); pass the bot, its token or its id")
+    return int(head)
 
 
 _default: Optional[Sessions[Any]] = None

@@ -12,6 +12,7 @@ import threading
 from typing import Any, List, Optional, Set
 
 from . import context
+from .chat_moves import follow_migration
 from .manager import Sessions, _Scope
 from .ordering import Sequencer
 
@@ -44,6 +45,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
     def pre_process(self, message: Any, data: dict) -> None:
         if context.active_frames():
             _release_leftovers(self)  # a previous update whose post_process never ran
+        if getattr(message, "migrate_to_chat_id", None) or getattr(message, "migrate_from_chat_id", None):
+            follow_migration(self.sessions, message)  # a group became a supergroup: move its sessions
         key = self.sessions.key_of(message)
         if self.sequencer is not None:
             ticket = getattr(message, self._ticket_attr, None)

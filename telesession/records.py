@@ -4,10 +4,11 @@ A record is one UTF-8 JSON object::
 
     {"version": 2, "written": 1764064000.123, "key": "123", "data": {"count": 7}}
 
-``data`` is the session (a dataclass session is stored as its fields),
+``data`` is the session (a dataclass session is stored as its fields, see ``telesession.typed``),
 ``version`` the schema version it was written with (``Sessions(version=...)``),
 ``written`` the Unix time of the write (what ``ttl`` measures from) and ``key``
-the session key, so a record is self-describing wherever it is found.
+the full stored key (with the manager's namespace, ``"session:123"``), so a record is
+self-describing wherever it is found.
 
 Values must survive a JSON round trip exactly: dicts with ``str`` keys, lists,
 ``str``, ``int``, finite ``float``, ``bool`` and ``None``.  Anything else (a
@@ -31,8 +32,7 @@ import msgspec
 
 from .errors import CorruptSessionError, SerializationError
 
-__all__ = ["encode_data", "encode_json", "check_round_trip", "build_record", "parse_record", "read_record",
-           "to_plain", "from_plain"]
+__all__ = ["encode_data", "encode_json", "check_round_trip", "build_record", "parse_record", "read_record"]
 
 _msgspec_encode = msgspec.json.Encoder().encode
 _msgspec_decode = msgspec.json.Decoder().decode
@@ -85,34 +85,6 @@ def _where(where: Where) -> str:
     return where if isinstance(where, str) else where()
 
 
-def to_plain(value: Any) -> Any:
-    """The JSON-able form of a session: a dataclass session becomes a dict of its fields."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return value
-
-
-def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Any:
-    """Rebuild a session of dataclass ``cls`` (or keep a plain value) from stored ``data``."""
-    if cls is None:
-        return data
-    where = _where(where)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    if not isinstance(data, dict) or set(data) - names:
-        extra = sorted(set(data) - names) if isinstance(data, dict) else type(data).__name__
-        raise CorruptSessionError(
-            f"session {key!r} ({where}) does not match {cls.__name__}: unexpected {extra}; "
-            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
-            key, where)
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise CorruptSessionError(
-            f"session {key!r} ({where}) does not match {cls.__name__}: {exc}; "
-            f"add a migration (Sessions(version=..., migrations=...)) or fix the record",
-            key, where) from exc
-
-
 def encode_json(plain: Any, key: str, where: Where, root: str = "session") -> bytes:
     """Session data as compact JSON bytes, checked to read back equal; ``SerializationError`` names the path.
 
@@ -144,7 +116,7 @@ def encode_json(plain: Any, key: str, where: Where, root: str = "session") -> by
 
 def encode_data(plain: Any, key: str, where: Where, root: str = "session") -> str:
     """``encode_json`` as text."""
-    return encode_json(plain, key, where, root).decode("utf-8")
+    return encode_json(plain, key, where, root).decode("utf-8", "surrogatepass")
 
 
 def check_round_trip(plain: Any, text: Union[str, bytes], key: str, where: Where, root: str = "session") -> None:
@@ -152,8 +124,13 @@ def check_round_trip(plain: Any, text: Union[str, bytes], key: str, where: Where
 
     ``encode_json`` already does this; kept for callers that encoded by other means."""
     try:
-        same = _msgspec_decode(text) == plain
-    except (_DecodeError, RecursionError):
+        try:
+            same = _msgspec_decode(text) == plain
+        except (_DecodeError, UnicodeError):  # a lone surrogate, as the json module writes it
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "surrogatepass")
+            same = _std_decode(text) == plain
+    except (ValueError, RecursionError):
         same = False
     if not same:
         raise _explain(plain, key, where, root) or SerializationError(
@@ -182,8 +159,8 @@ class _Record(msgspec.Struct, gc=False):
 _decode_record = msgspec.json.Decoder(_Record).decode
 
 
-def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[bytes]]:
-    """``parse_record`` plus the data's compact JSON bytes (``None`` when the slow path was taken).
+def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[float], Optional[str]]:
+    """``parse_record`` plus the data's compact JSON text (``None`` when the slow path was taken).
 
     The whole record is decoded in one ``msgspec`` call and the data encoded again, which
     is cheaper than cutting the stored data out and decoding it separately: those bytes are
@@ -194,7 +171,7 @@ def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[
     try:
         record = _decode_record(raw)
         data = record.data
-        return data, record.version, record.written, _msgspec_encode(data)
+        return data, record.version, record.written, _msgspec_encode(data).decode("utf-8")
     except (_DecodeError, RecursionError, UnicodeEncodeError):
         pass  # (UnicodeEncodeError: the data holds a lone surrogate, which msgspec will not write)
     data, version_number, written_at = parse_record(raw, key, where)

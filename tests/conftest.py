@@ -9,8 +9,8 @@ from telesession import context, locking
 REQUIRE_REDIS = os.environ.get("TELESESSION_REQUIRE_REDIS") == "1"
 
 #: Every store kind; PERSISTENT ones survive the process and are shared between processes.
-STORE_KINDS = ["memory", "json", "shelve", "sqlite", "redis"]
-PERSISTENT_KINDS = ["json", "shelve", "sqlite", "redis"]
+STORE_KINDS = ["memory", "json", "shelve", "sqlite", "redis", "postgres"]
+PERSISTENT_KINDS = ["json", "shelve", "sqlite", "redis", "postgres"]
 
 
 def _store_url(request: pytest.FixtureRequest, kind: str, tmp_path) -> str:
@@ -25,6 +25,8 @@ def _store_url(request: pytest.FixtureRequest, kind: str, tmp_path) -> str:
     if kind == "redis":
         base = request.getfixturevalue("redis_url")
         return f"{base}?prefix=test-{uuid.uuid4().hex[:8]}:"
+    if kind == "postgres":  # a fresh table, dropped after the test
+        return request.getfixturevalue("postgres_store_url")
     raise ValueError(kind)
 
 
@@ -52,7 +54,19 @@ def no_leftover_sessions():
 # redis_server (session: a real redis-server, .stop()/.start()/.restart()), redis_url (its
 # redis://127.0.0.1:PORT/0) and redis_store_url (the same with a fresh ?prefix= per test).
 try:
-    from .redis_server import redis_server, redis_store_url, redis_url  # noqa: F401
+    from .redis_server import (redis_cluster, redis_sentinel, redis_server, redis_store_url,  # noqa: F401
+                               redis_url, valkey_server)
 except ImportError:  # tests/ is not a package: pytest put this directory on sys.path
-    from redis_server import redis_server, redis_store_url, redis_url  # noqa: F401
+    from redis_server import (redis_cluster, redis_sentinel, redis_server, redis_store_url,  # noqa: F401
+                              redis_url, valkey_server)
 # ---- end of Redis fixtures ------------------------------------------------------------------
+
+# ---- PostgreSQL fixtures (owned by tests/postgres_server.py) -------------------------------
+# postgres_server (session: a real PostgreSQL started by PID, .stop()/.start()/.restart()),
+# postgres_url (postgresql://telesession@127.0.0.1:PORT/telesession) and postgres_store_url
+# (the same with a fresh ?table= per test, dropped afterwards).
+try:
+    from .postgres_server import postgres_server, postgres_store_url, postgres_url  # noqa: F401
+except ImportError:  # tests/ is not a package: pytest put this directory on sys.path
+    from postgres_server import postgres_server, postgres_store_url, postgres_url  # noqa: F401
+# ---- end of PostgreSQL fixtures -------------------------------------------------------------

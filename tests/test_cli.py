@@ -1,7 +1,7 @@
 """The ``telesession`` command, run as a user runs it: a child process on real stores in tmp_path.
 
-Sessions are created through the library (``Sessions.open``, or ``build_record`` + ``store.save``
-for records with a chosen write time); the command's exit status, stdout and stderr are checked.
+Sessions are created through the library (``build_record`` + ``store.save``) at the stored keys
+the command sees; its exit status, stdout and stderr are checked.
 """
 import json
 import os
@@ -14,8 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from telesession import Sessions
-from telesession.records import build_record, parse_record
+from telesession.records import build_record, encode_data, parse_record
 from telesession.stores import from_url
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +59,10 @@ def fails(result: subprocess.CompletedProcess, code: int = 1) -> str:
 
 
 def fill(url: str, sessions: Dict[str, dict]) -> None:
-    """Create sessions the way a bot does."""
-    store = from_url(url)
-    manager = Sessions(store)
+    """Store sessions at exactly the given stored keys, as the records a bot writes (the CLI
+    works on stored keys; a bot's manager would add its namespace, "session:1")."""
     for key, data in sessions.items():
-        with manager.open(key) as s:
-            s.update(data)
-    store.close()
+        put(url, key, encode_data(data, key, "test"))
 
 
 def put(url: str, key: str, data_json: str, *, version: int = 0, written: Optional[float] = None,
@@ -217,8 +213,7 @@ def test_export_import_round_trip(tmp_path):
     assert "imported 4 sessions" in ok(run("import", dst, str(out)))
     assert contents(dst) == contents(src)
     assert records(dst) == records(src)  # the very same bytes, write times included
-    with Sessions(from_url(dst)).open("-1001234") as s:  # and the library reads them
-        assert s == SAMPLE["-1001234"]
+    assert parse_record(from_url(dst).load("-1001234"), "-1001234", "dst")[0] == SAMPLE["-1001234"]
 
     # the same again: nothing to do; from stdin this time
     assert "imported 0 sessions (4 unchanged)" in ok(run("import", dst, "-", stdin=exported))
@@ -452,5 +447,106 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
     os.close(master)
     assert proc.wait(timeout=60) == 0
     proc.stdout.close()
-    assert b"\rexport [" in seen and b"40/40 100%" in seen
+    assert b"\rexport: " in seen and b"/40 [" in seen  # tqdm's bar: count, elapsed, rate
     assert seen.rstrip().endswith(b"exported 40 sessions to " + str(out).encode())
+
+
+# -- corrupt records, hints and refusals (issue 16) ------------------------------------------------
+
+
+def _store_with_a_corrupt_record(tmp_path) -> str:
+    url = url_for("json", tmp_path)
+    fill(url, {"good": {"x": 1}, "fine": {"y": 2}})
+    (tmp_path / "store" / "bad.json").write_bytes(b'{"data": [1, 2')
+    return url
+
+
+def test_show_record_prints_a_corrupt_record_raw_and_says_why(tmp_path):
+    url = _store_with_a_corrupt_record(tmp_path)
+    result = run("show", url, "bad", "--record")
+    line = fails(result)
+    assert result.stdout == '{"data": [1, 2\n'  # byte for byte as stored
+    assert "does not parse" in line and "JSONDecodeError" in line and "'bad'" in line
+    plain = fails(run("show", url, "bad"))
+    assert "--record" in plain
+
+
+def test_hints_name_the_real_url_and_key(tmp_path):
+    url = _store_with_a_corrupt_record(tmp_path)
+    for command in (["show", url, "bad"], ["ls", url], ["stats", url], ["export", url]):
+        line = fails(run(*command))
+        assert f"(telesession rm {url} bad)" in line, line
+        assert "URL" not in line.replace(url, ""), line
+    (tmp_path / "store" / "needs%20quoting.json").write_bytes(b"{")  # the file of the key "needs quoting"
+    assert f"(telesession rm {url} 'needs quoting')" in fails(run("show", url, "needs quoting"))
+
+
+def test_export_skip_corrupt_lists_what_it_left_out(tmp_path):
+    url = _store_with_a_corrupt_record(tmp_path)
+    out = tmp_path / "backup.jsonl"
+    line = fails(run("export", url, "-o", str(out)))  # the default still stops
+    assert "'bad'" in line and "--skip-corrupt" in line and not out.exists()
+    result = run("export", url, "-o", str(out), "--skip-corrupt")
+    ok(result)
+    assert [json.loads(x)["key"] for x in out.read_text().splitlines()] == ["fine", "good"]
+    notes = result.stderr.splitlines()
+    assert notes[0] == f"telesession: exported 2 sessions to {out}"
+    assert notes[1] == "telesession: skipped 1 unreadable session (--skip-corrupt): 'bad'"
+    assert notes[2].startswith("telesession:   bad: JSONDecodeError")
+
+
+def test_migrate_skip_corrupt_copies_the_rest_and_verifies(tmp_path):
+    src = _store_with_a_corrupt_record(tmp_path)
+    dst = url_for("sqlite", tmp_path, "dst")
+    line = fails(run("migrate", src, dst))
+    assert "nothing was copied" in line and "--skip-corrupt" in line
+    result = run("migrate", src, dst, "--skip-corrupt")
+    assert ok(result).strip() == "copied 2 sessions, verified"
+    assert "skipped 1 unreadable session (--skip-corrupt): 'bad'" in result.stderr
+    assert sorted(records(dst)) == ["fine", "good"]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "inf"])
+def test_ttl_errors_say_the_same_thing(value):
+    result = run("purge-expired", "memory://", "--ttl", value)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (f"telesession purge-expired: error: argument --ttl: must be a "
+                                              f"number of seconds > 0, not {value!r}")
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_read_only_commands_on_a_file_that_is_not_a_store_never_talk_of_creating(kind, tmp_path):
+    target = tmp_path / "passwd"
+    target.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    url = f"{kind}:{target}"
+    for command in (["ls", url], ["show", url, "k"], ["stats", url], ["export", url]):
+        line = fails(run(*command))
+        assert "creat" not in line and f"cannot read {url}: {target} is" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["passwd"]  # nothing made beside it (no lock file)
+    assert target.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+
+
+def test_import_of_a_missing_file_is_one_line(tmp_path):
+    line = fails(run("import", url_for("json", tmp_path), str(tmp_path / "nope.jsonl")))
+    assert line == (f"telesession: error: cannot read the export {tmp_path / 'nope.jsonl'}: No such file or "
+                    f"directory; nothing was imported")
+
+
+@pytest.mark.parametrize("data, named", [("[1, 2]", "an array"), ('"text"', "a string"), ("3", "a number"),
+                                         ("null", "null")])
+def test_import_requires_an_object_as_data(tmp_path, data, named):
+    url = url_for("json", tmp_path)
+    export = '{"key": "a", "data": {"x": 1}}\n{"key": "b", "data": %s}\n' % data
+    line = fails(run("import", url, stdin=export))
+    assert f"line 2: \"data\" of 'b' must be a JSON object" in line and f"not {named}" in line
+    assert "nothing was imported" in line
+    assert not (tmp_path / "store").exists()
+
+
+def test_import_and_migrate_into_memory_refuse(tmp_path):
+    src = url_for("json", tmp_path)
+    fill(src, {"a": {"x": 1}})
+    line = fails(run("import", "memory://", stdin='{"key": "a", "data": {}}\n'))
+    assert "importing into memory:// would keep nothing" in line
+    line = fails(run("migrate", src, "memory://"))
+    assert "migrating into memory:// would keep nothing" in line

@@ -105,7 +105,7 @@ def _check(url: str, counts: dict, logged: list) -> dict:
             except LockTimeout:
                 pytest.fail(f"the killed writer's lock on {key!r} lingers")
             assert time.monotonic() - start < LOCK_TIMEOUT
-        assert set(store.keys()) == {KEYS[i] for i, n in after.items() if n > 0}
+        assert set(store.keys()) == {"session:" + KEYS[i] for i, n in after.items() if n > 0}
     finally:
         if hasattr(store, "close"):
             store.close()

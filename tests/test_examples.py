@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ["counter_bot.py", "form_bot.py", "webhook_bot.py"]
+EXAMPLES = ["counter_bot.py", "form_bot.py", "webhook_bot.py", "states_bot.py"]
 
 
 def run_example(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -72,3 +72,12 @@ def test_without_token_prints_usage(name):
     assert result.stderr.startswith("usage: ")
     assert "BOT_TOKEN" in result.stderr and "--demo" in result.stderr
     assert result.stdout == ""
+
+
+def test_states_bot_demo():
+    out = passed(run_example("states_bot.py", "--demo"))
+    assert "10 users fill a States V2 form concurrently" in out
+    assert "/tap replied 1..80 once each, stored taps = 80" in out
+    assert "stored: 10 forms in state Form:done" in out
+    assert "after a restart, user 498 answered the age question it was asked before" in out
+    assert out.rstrip().endswith("OK: 11 forms and 80 concurrent taps exact")

@@ -104,10 +104,10 @@ def test_read_only_store_directory(tmp_path):
             with sessions.open("k") as s:
                 s["count"] = 10
         err = caught.value
-        assert type(err) is StoreError and err.key == "k"
-        assert "'k'" in str(err) and os.path.join(directory, "k.json") in str(err)
+        assert type(err) is StoreError and err.key == "session:k"
+        assert "'session:k'" in str(err) and os.path.join(directory, "session%3Ak.json") in str(err)
         # a new key fails the same way and clearly
-        with pytest.raises(StoreError, match="'brand-new'"):
+        with pytest.raises(StoreError, match="'session:brand-new'"):
             with sessions.open("brand-new") as s:
                 s["count"] = 1
         # reading keeps working, for the key that failed and for the others
@@ -126,7 +126,7 @@ def test_record_file_replaced_by_a_directory(tmp_path):
     url = _url("json", tmp_path)
     sessions = _seed(url, k=1, other=2)
     store = sessions.store
-    path = store.path("k")
+    path = store.path("session:k")
     os.unlink(path)
     os.mkdir(path)
     os.mkdir(os.path.join(path, "inside"))  # a non-empty directory: os.replace cannot remove it
@@ -134,13 +134,13 @@ def test_record_file_replaced_by_a_directory(tmp_path):
     with pytest.raises(StoreError) as caught:
         with sessions.open("k"):
             pass
-    assert type(caught.value) is StoreError and caught.value.key == "k"
-    assert "'k'" in str(caught.value) and path in str(caught.value)
+    assert type(caught.value) is StoreError and caught.value.key == "session:k"
+    assert "'session:k'" in str(caught.value) and path in str(caught.value)
 
-    record = build_record("k", '{"count":5}', 0, time.time())
+    record = build_record("session:k", '{"count":5}', 0, time.time())
     with pytest.raises(StoreError) as caught:
-        store.save("k", record)  # the write path, which a load failure keeps handlers from reaching
-    assert caught.value.key == "k" and path in str(caught.value)
+        store.save("session:k", record)  # the write path, which a load failure keeps handlers from reaching
+    assert caught.value.key == "session:k" and path in str(caught.value)
     assert os.path.isdir(os.path.join(path, "inside")), "the obstacle must be left as it was"
     assert _temp_files(store.directory) == []
 
@@ -199,17 +199,17 @@ def test_write_past_the_file_size_limit(kind, tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout)
     name, message, key, where = report["error"]
-    assert name == "StoreError" and key == "k", report
-    assert "'k'" in message and where and where in message, message
+    assert name == "StoreError" and key == "session:k", report
+    assert "'session:k'" in message and where and where in message, message
     if kind == "json":
-        assert store.path("k") in message and "[errno 27]" in message, message
+        assert store.path("session:k") in message and "[errno 27]" in message, message
         assert _temp_files(store.directory) == [], "the failed temp file must be removed"
     assert report["k"] == {"count": 1} and report["other"] == {"count": 2}
     if kind == "shelve":
         # one append-only data file: the failed write filled it up to the limit, so in this
         # process every later write fails too, with the same clear error; nothing is lost
         name, message, key = report["small-write"]
-        assert name == "StoreError" and key == "other" and "'other'" in message, report
+        assert name == "StoreError" and key == "session:other" and "'session:other'" in message, report
         assert _count(url, "k") == 1 and _count(url, "other") == 2
     else:
         assert "small-write" not in report, report
@@ -267,8 +267,8 @@ def test_disk_full(kind, tiny_tmpfs):
                 s["count"] += 1
                 s["blob"] = "x" * 100_000
         err = caught.value
-        assert type(err) in (StoreError, CorruptSessionError) and err.key == "k", repr(err)
-        assert "'k'" in str(err) and err.where and err.where in str(err), str(err)
+        assert type(err) in (StoreError, CorruptSessionError) and err.key == "session:k", repr(err)
+        assert "'session:k'" in str(err) and err.where and err.where in str(err), str(err)
         if kind == "json":
             assert isinstance(err, StoreError) and "[errno 28]" in str(err), str(err)
             assert _temp_files(store.directory) == []
@@ -288,7 +288,7 @@ def test_disk_full(kind, tiny_tmpfs):
     del err, caught
     gc.collect()
     assert _count(url, "k") == 2 and _count(url, "other") == 3 and _count(url, "late") == 5
-    assert sorted(from_url(url).keys()) == ["k", "late", "other"]
+    assert sorted(from_url(url).keys()) == ["session:k", "session:late", "session:other"]
     if kind == "sqlite":
         store.close()
 
@@ -346,7 +346,7 @@ def test_shelve_garbage_index(damage, tmp_path):
             pass
     err = caught.value
     assert isinstance(err, CorruptSessionError), repr(err)
-    assert err.key == "k" and "'k'" in str(err) and base in str(err), str(err)
+    assert err.key == "session:k" and "'session:k'" in str(err) and base in str(err), str(err)
     with pytest.raises(CorruptSessionError) as caught:
         ShelveStore(base)  # opening it afresh says the same
     assert base in str(caught.value)
@@ -365,7 +365,7 @@ def test_shelve_index_cut_mid_line(tmp_path):
     try:
         counts = _count(url, "k"), _count(url, "other")
     except CorruptSessionError as exc:  # no good backup index: a clear error, files left alone
-        assert exc.key in (None, "k") and base in str(exc), str(exc)
+        assert exc.key in (None, "session:k") and base in str(exc), str(exc)
         assert _snapshot(tmp_path / "shelf") == before
     else:  # restored from dbm.dumb's backup index: then exactly the stored values
         assert counts == (1, 2)
@@ -402,7 +402,7 @@ def test_lock_held_too_long(kind, tmp_path):
         waited = time.monotonic() - start
         assert 0.3 <= waited < 3, waited
         err = caught.value
-        assert err.key == "k" and "'k'" in str(err) and "0.3" in str(err), str(err)
+        assert err.key == "session:k" and "'session:k'" in str(err) and "0.3" in str(err), str(err)
         with impatient.open("other") as s:  # other keys keep working meanwhile
             s["count"] += 1
     finally:
@@ -427,5 +427,5 @@ def test_unserializable_value_names_key_and_path_and_keeps_the_session(tmp_path)
             s["count"] = 5
             s["cart"] = [1, 2, (3, 4)]
     err = caught.value
-    assert err.key == "k" and err.path == 'session["cart"][2]' and "'k'" in str(err)
+    assert err.key == "session:k" and err.path == 'session["cart"][2]' and "'session:k'" in str(err)
     assert _count(url, "k") == 1 and _count(url, "other") == 2

@@ -1,7 +1,12 @@
 """``KeyLocks``: one owner per key among threads, without a registry-wide mutex."""
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+
+import pytest
 
 from telesession.locking import ACQUIRED, REENTERED, KeyLocks
 
@@ -96,3 +101,47 @@ def test_waiters_all_get_the_key_in_turn_after_the_holder_lets_go():
     for t in threads:
         t.join(10)
     assert sorted(got) == list(range(5)) and len(locks) == 0
+
+
+_FORK_PROBE = r'''
+import gc, os, sys
+from telesession import Sessions
+from telesession.errors import LockTimeout
+from telesession.stores import SQLiteStore
+
+path = sys.argv[1]
+sessions = Sessions(SQLiteStore(path), lock_timeout=0.5)
+
+def probe():
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with Sessions(SQLiteStore(path), lock_timeout=0.5).open("K"):
+                print("GOT", flush=True)
+        except LockTimeout:
+            print("LOCKED", flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+with sessions.open("K") as s:  # a handler holds K and forks a worker process
+    s["n"] = 1
+    child = os.fork()
+    if child == 0:  # the child drops the parent's scope, uses the store, collects garbage
+        gc.collect()
+        with sessions.open("other"):
+            pass
+        gc.collect()
+        os._exit(0)
+    os.waitpid(child, 0)
+    probe()  # the handler still holds K: a third process must not get it
+'''
+
+
+@pytest.mark.parametrize("backend", ["posix", "filelock"])
+def test_a_forked_child_never_frees_its_parents_key(tmp_path, backend):
+    """A child that inherited a held key (and drops it) leaves it locked for the parent."""
+    env = dict(os.environ, TELESESSION_LOCKS=backend)
+    result = subprocess.run([sys.executable, "-c", _FORK_PROBE, str(tmp_path / "s.db")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["LOCKED"], result.stdout + result.stderr

@@ -107,14 +107,15 @@ def test_real_saves_stay_inside_the_directory_one_file_per_key(many):
         assert sorted(os.listdir(top)) == ["sessions"], "nothing may appear beside the directory"
         entries = [e for e in os.scandir(directory) if e.name != ".lock"]
         assert all(e.is_file(follow_symlinks=False) for e in entries)
-        assert sorted(e.name for e in entries) == sorted(key_to_filename(k) for k in many)
-        assert sorted(store.keys()) == sorted(many)
+        assert sorted(e.name for e in entries) == sorted(key_to_filename("session:" + k) for k in many)
+        assert sorted(store.keys()) == sorted("session:" + k for k in many)
+        assert sorted(sessions.keys()) == sorted(many)
         reader = Sessions(JSONFileStore(directory))
         for i, key in enumerate(many):
             with reader.open(key) as s:
                 assert s == {"i": i}
-            with open(store.path(key), "rb") as f:
-                assert json.loads(f.read())["key"] == key
+            with open(store.path("session:" + key), "rb") as f:
+                assert json.loads(f.read())["key"] == "session:" + key
 
 
 # ---- values -----------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_values_that_cannot_round_trip_raise_with_their_path(kind, store_dirs):
         err = caught.value
         expected = f"session[{json.dumps(field, ensure_ascii=False)}]{text}"
         assert err.path == expected, (what, err.path, expected)
-        assert err.key == key and repr(key) in str(err) and expected in str(err)
+        assert err.key == "session:" + key and repr("session:" + key) in str(err) and expected in str(err)
         with reader.open(key) as s:  # the stored session is as it was
             assert s.__wrapped__ == {"keep": "stored"}
         examples.append(1)

@@ -22,7 +22,7 @@ class Color(enum.Enum):
 def test_own_records_take_the_shortcut_and_agree_with_parse_record(key, data_json):
     raw = build_record(key, data_json, 3, 1764064000.123456)
     data, version, written, text = read_record(raw, key, "here")
-    assert text == data_json.encode()  # the data's own JSON bytes: the baseline for change detection
+    assert text == data_json  # the data's own JSON: the baseline for change detection
     assert (data, version, written) == parse_record(raw, key, "here")
 
 
@@ -34,7 +34,7 @@ def test_own_records_take_the_shortcut_and_agree_with_parse_record(key, data_jso
 ])
 def test_other_shapes_agree_with_parse_record_and_keep_their_data_bytes(raw):
     data, version, written, text = read_record(raw, "k", "here")
-    assert text == b'{"a":1}'  # the data's compact JSON: the baseline for change detection
+    assert text == '{"a":1}'  # the data's compact JSON
     assert (data, version, written) == parse_record(raw, "k", "here")
 
 
@@ -121,14 +121,14 @@ def test_records_written_by_the_json_module_are_read_and_not_rewritten_unless_ch
 
     store = JSONFileStore(str(tmp_path / "s"), fsync=False)
     old = b'{"version": 0, "written": 1764064000.5, "key": "7", "data": {"big": 1e+16, "n": 1, "s": "\\u00e9"}}'
-    store.save("7", old)
+    store.save("session:7", old)
     sessions = Sessions(store)
     with sessions.open("7") as s:
         assert s["big"] == 1e16 and s["s"] == "\u00e9"  # read, nothing changed
-    assert store.load("7") == old  # so the other writer's bytes stay as they were
+    assert store.load("session:7") == old  # so the other writer's bytes stay as they were
     with sessions.open("7") as s:
         s["n"] += 1
-    assert json.loads(store.load("7"))["data"] == {"big": 1e16, "n": 2, "s": "\u00e9"}
+    assert json.loads(store.load("session:7"))["data"] == {"big": 1e16, "n": 2, "s": "\u00e9"}
 
 
 def test_the_decorator_keeps_the_handler_s_name_and_signature():
@@ -151,7 +151,7 @@ def test_a_lone_surrogate_is_stored_as_the_json_module_always_stored_it():
     sessions = Sessions(store)
     with sessions.open("k") as s:
         s["a"] = "x\ud800y"
-    assert b'"x\xed\xa0\x80y"' in store.load("k")
+    assert b'"x\xed\xa0\x80y"' in store.load("session:k")
     with sessions.open("k") as s:
         assert s["a"] == "x\ud800y"
         s["b"] = 1

@@ -83,11 +83,11 @@ def test_round_trip_keys_and_layout(store, raw):
     store.save("b", b"two")
     assert store.load("a") == b'{"data":1}'
     # A plain string value: redis-cli GET shows it.
-    assert raw.get(store.prefix + "s:a") == b'{"data":1}'
+    assert raw.get(store.prefix + "s:{a}") == b'{"data":1}'
     store.save("a", b"three", previous=b'{"data":1}')
     assert sorted(store.keys()) == ["a", "b"]
     store.delete("a", previous=b"three")
-    assert store.load("a") is None and raw.exists(store.prefix + "s:a") == 0
+    assert store.load("a") is None and raw.exists(store.prefix + "s:{a}") == 0
     store.delete("a")
     store.delete("b")
     assert list(store.keys()) == []
@@ -96,14 +96,14 @@ def test_round_trip_keys_and_layout(store, raw):
 def test_lock_layout_and_release(store, raw):
     token = store.acquire("k", 1)
     try:
-        lock_key = store.prefix + "l:k"
+        lock_key = store.prefix + "l:{k}"
         assert raw.get(lock_key) == token.token
         assert 0 < raw.pttl(lock_key) <= 30000
-        assert raw.exists(store.prefix + "s:k") == 0  # a lock is not a session
+        assert raw.exists(store.prefix + "s:{k}") == 0  # a lock is not a session
         assert list(store.keys()) == []
     finally:
         store.release("k", token)
-    assert raw.exists(store.prefix + "l:k") == 0
+    assert raw.exists(store.prefix + "l:{k}") == 0
 
 
 def _gets(raw) -> int:
@@ -148,7 +148,7 @@ def test_an_increment_takes_two_round_trips_and_leaves_no_lock(store, raw):
     assert _calls(raw, "evalsha") - before["evalsha"] == 2  # lock+read, then write+unlock
     assert _calls(raw, "set") - before["set"] == 2 and _calls(raw, "del") - before["del"] == 1  # inside them
     assert _calls(raw, "get") - gets_before == 3  # 1 in the lock script, 2 in the write: no GET of its own
-    assert raw.exists(store.prefix + "l:k") == 0
+    assert raw.exists(store.prefix + "l:{k}") == 0
     with sessions.open("k") as s:
         assert s["n"] == 2
 
@@ -159,20 +159,20 @@ def test_a_conflicting_write_and_unlock_raises_and_still_unlocks(store, raw):
     sessions = Sessions(store, initial=lambda: {"n": 0})
     with pytest.raises(ConflictError, match="changed by another writer"):
         with sessions.open("k") as s:
-            raw.set(store.prefix + "s:k", b"written behind our back")
+            raw.set(store.prefix + "s:{session:k}", b"written behind our back")
             s["n"] = 1
-    assert raw.exists(store.prefix + "l:k") == 0
-    assert raw.get(store.prefix + "s:k") == b"written behind our back"  # nothing overwritten
-    token = store.acquire("k", 0)  # free again at once, here and in Redis
-    store.release("k", token)
+    assert raw.exists(store.prefix + "l:{session:k}") == 0
+    assert raw.get(store.prefix + "s:{session:k}") == b"written behind our back"  # nothing overwritten
+    token = store.acquire("session:k", 0)  # free again at once, here and in Redis
+    store.release("session:k", token)
 
 
 def test_a_retried_write_and_unlock_whose_first_reply_was_lost_succeeds(store, raw):
     token = store.acquire("k", 1)
     args = store._save_args(token, b"new", None, None, release=True)
-    keys = [store.prefix + "s:k", token.lock_key]
+    keys = [store.prefix + "s:{k}", token.lock_key]
     assert store._save_script(keys=keys, args=args) == 1
-    assert raw.exists(store.prefix + "l:k") == 0  # the lock went with the write
+    assert raw.exists(store.prefix + "l:{k}") == 0  # the lock went with the write
     assert store._save_script(keys=keys, args=args) == 1  # the retry finds its own record: done
     other = store._save_args(token, b"other", b"new", None, release=True)
     assert store._save_script(keys=keys, args=other) == -1  # a different record: the lock is gone
@@ -202,9 +202,9 @@ def test_a_session_written_through_another_store_object_is_never_served_stale(re
 
 def test_ttl_is_native_expiry(store, raw):
     store.save("short", b"s", ttl=0.2)
-    assert 0 < raw.pttl(store.prefix + "s:short") <= 200
+    assert 0 < raw.pttl(store.prefix + "s:{short}") <= 200
     store.save("short", b"s2", previous=b"s")  # no ttl: persistent again
-    assert raw.pttl(store.prefix + "s:short") == -1
+    assert raw.pttl(store.prefix + "s:{short}") == -1
     store.save("short", b"s3", previous=b"s2", ttl=0.2)
     deadline = time.monotonic() + 5
     while store.load("short") is not None and time.monotonic() < deadline:
@@ -217,7 +217,7 @@ def test_conditional_save_refuses_a_changed_record(store):
     store.save("k", b"v1")
     with pytest.raises(ConflictError) as info:
         store.save("k", b"mine", previous=b"v0")
-    assert info.value.key == "k" and "s:k" in str(info.value) and store.address in str(info.value)
+    assert info.value.key == "k" and "s:{k}" in str(info.value) and store.address in str(info.value)
     with pytest.raises(ConflictError):
         store.save("k", b"mine", previous=None)
     with pytest.raises(ConflictError):
@@ -276,7 +276,7 @@ def test_keys_scans_many(store, raw):
     expected = {f"key-{i:05d}" for i in range(1500)}
     pipe = raw.pipeline()
     for key in expected:
-        pipe.set(store.prefix + "s:" + key, b"x")
+        pipe.set(store.prefix + "s:{" + key + "}", b"x")
     pipe.execute()
     assert set(store.keys()) == expected
 
@@ -330,7 +330,7 @@ def test_a_process_holding_a_key_excludes_others(redis_store_url, raw):
             done.set()
             child.join(30)
             assert child.exitcode == 0
-            assert raw.exists(store.prefix + "l:busy") == 0  # the child released its lock
+            assert raw.exists(store.prefix + "l:{busy}") == 0  # the child released its lock
             token = store.acquire("busy", 5)
             store.release("busy", token)
     finally:
@@ -344,7 +344,7 @@ def test_renewal_keeps_a_short_lease_alive(redis_store_url, raw):
         try:
             raw_before = store.load("k")
             time.sleep(1.6)  # three leases
-            lock_key = store.prefix + "l:k"
+            lock_key = store.prefix + "l:{k}"
             assert raw.get(lock_key) == token.token
             assert raw.set(lock_key, b"intruder", nx=True) is None
             store.save("k", b"after a long handler", previous=raw_before)
@@ -376,7 +376,7 @@ def test_a_stalled_holder_whose_lease_expired_cannot_overwrite(redis_store_url, 
                 child.join(30)
                 assert child.exitcode == 0
                 # The stale holder's release did not remove our lock.
-                assert raw.get(store.prefix + "l:k") == token.token
+                assert raw.get(store.prefix + "l:{k}") == token.token
             finally:
                 store.release("k", token)
             assert store.load("k") == b"newer session"
@@ -388,7 +388,7 @@ def test_a_stalled_holder_whose_lease_expired_cannot_overwrite(redis_store_url, 
 def test_lock_taken_over_by_another_holder_blocks_save_and_is_not_released(store, raw):
     store.save("k", b"v1")
     token = store.acquire("k", 1)
-    lock_key = store.prefix + "l:k"
+    lock_key = store.prefix + "l:{k}"
     try:
         loaded = store.load("k")
         # Another machine took the lock after our lease ran out (written here by a plain client).
@@ -424,7 +424,7 @@ def test_redis_outage_raises_store_error_and_recovers(redis_server, redis_store_
             assert time.monotonic() - started < 15
             assert not isinstance(info.value, (ConflictError, LockTimeout))
             assert f"127.0.0.1:{redis_server.port}" in str(info.value)
-        assert info.value.key == "held" and "s:held" in info.value.where
+        assert info.value.key == "held" and "s:{held}" in info.value.where
         store.release("held", token)  # cannot reach Redis: logged, not raised; the lease expires
         assert any("held" in r.getMessage() for r in caplog.records)
         redis_server.start()
@@ -501,3 +501,64 @@ def test_a_client_with_decode_responses_works_too(redis_server, redis_store_url)
         store.close()
     finally:
         client.close()
+
+
+def test_keys_and_records_by_prefix_escape_glob_characters_and_stream_in_batches(store, raw):
+    expected = {f"a*[{i}]": f"r{i}".encode() for i in range(1200)}  # more than one MGET batch
+    expected.update({"ab": b"x", "a": b"y", "": b"empty", "~t": b"tilde", "}t": b"brace"})
+    pipe = raw.pipeline()
+    for key, value in expected.items():
+        pipe.set(store._session_key(key), value)
+    pipe.execute()
+    assert raw.get(store.prefix + "s:{ab}") == b"x" and raw.get(store.prefix + "s:{~}") == b"empty"
+    assert raw.get(store.prefix + "s:{~~t}") == b"tilde" and raw.get(store.prefix + "s:{~}t}") == b"brace"
+    assert dict(store.records()) == expected
+    assert dict(store.records("a*[")) == {k: v for k, v in expected.items() if k.startswith("a*[")}
+    assert sorted(store.keys("a")) == sorted(k for k in expected if k.startswith("a"))
+    assert list(store.keys("a*[1199")) == ["a*[1199]"]
+    assert sorted(store.keys("~")) == ["~t"] and sorted(store.keys("}")) == ["}t"]
+    assert list(store.keys("zzz")) == [] and list(store.records("zzz")) == []
+    records = store.records()
+    assert next(records)[0] in expected  # a generator: nothing is read before it is asked for
+    records.close()
+
+
+def test_a_release_that_failed_is_retried_and_a_failed_store_says_redis_was_unreachable(redis_server,
+                                                                                         redis_store_url, caplog):
+    caplog.set_level(logging.INFO, logger="telesession")
+    store = open_store(redis_store_url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        token = store.acquire("k", 1)
+        redis_server.stop()
+        store.release("k", token)  # cannot reach Redis: kept for later
+        assert list(store._pending) == [token.lock_key]
+        with pytest.raises(StoreError, match="Redis was unreachable while locking"):
+            store.acquire("k", 1)
+        redis_server.start()  # (no persistence here: test_redis_deployments has the AOF case)
+        deadline = time.monotonic() + 10
+        while store._pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store._pending == {}
+        assert any("once Redis answered again" in r.getMessage() for r in caplog.records)
+        increment(store, "k")
+    finally:
+        redis_server.start()
+        store.close()
+
+
+def test_a_master_refusing_writes_for_want_of_replicas_gives_a_store_error(redis_server, redis_store_url):
+    """NOREPLICAS (min-replicas-to-write on the server) is a StoreError naming the key, not a raw error."""
+    raw = redis_server.client()
+    store = open_store(redis_store_url)
+    try:
+        raw.config_set("min-replicas-to-write", 1)
+        with pytest.raises(StoreError, match="NOREPLICAS") as info:
+            increment(store, "k")
+        assert info.value.key == "k" and not isinstance(info.value, ConflictError)
+        raw.config_set("min-replicas-to-write", 0)
+        increment(store, "k")  # reconnected and writing again
+        assert count_of(store, "k") == 1
+    finally:
+        raw.config_set("min-replicas-to-write", 0)
+        raw.close()
+        store.close()

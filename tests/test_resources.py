@@ -13,6 +13,7 @@ import pytest
 from telesession import Sessions, context
 from telesession.locking import ACQUIRED, KeyLocks, key_locks_for
 from telesession.stores import JSONFileStore, MemoryStore, SQLiteStore
+from telesession.stores.jsonfile import key_to_filename
 
 
 def _rss() -> int:
@@ -212,7 +213,7 @@ def test_temp_files_of_several_store_objects_on_one_directory_never_collide(fast
     directory = os.path.join(fast_dir, "sessions")
     assert [n for n in os.listdir(directory) if n.endswith(".tmp")] == []
     for key, count in done.items():  # every file holds its own key's record, with every increment
-        with open(os.path.join(directory, key + ".json"), "rb") as f:
+        with open(os.path.join(directory, key_to_filename("session:" + key)), "rb") as f:
             record = json.loads(f.read())
-        assert (record["key"], record["data"]["count"]) == (key, count)
+        assert (record["key"], record["data"]["count"]) == ("session:" + key, count)
     assert errors == [], f"{len(errors)} of {8 * 1500} saves failed, e.g. {sorted(set(errors))[:3]}"

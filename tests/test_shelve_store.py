@@ -467,7 +467,7 @@ def test_processes_appending_deleting_and_compacting_at_once_lose_nothing(base):
         with sessions.open(f"shared-{k}") as s:
             total += s["count"]
     assert total == 3 * 1500
-    assert sorted(store.keys()) == [f"shared-{k}" for k in range(5)]
+    assert sorted(store.keys()) == [f"session:shared-{k}" for k in range(5)]
     assert len(_dir_lines(base)) - 1 <= 2 * 5 + 1000 + 1, "never compacted"
     view = _stdlib_view(base)
     assert sorted(view) == sorted(store.keys()) and all(view[k] == store.load(k) for k in view)

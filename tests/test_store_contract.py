@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
+from conftest import PERSISTENT_KINDS, STORE_KINDS, _store_url
 from support import count_of, hold_key, increment, increment_in_process, increments_in_child
 
-from telesession import Sessions, session
+from telesession import Sessions, locking, session
+from telesession.locking_portable import PortableLockFile
 from telesession.errors import CorruptSessionError, LockTimeout, SerializationError
 from telesession.records import build_record
 from telesession.stores import from_url
@@ -19,6 +21,28 @@ HOSTILE_KEYS = ["../x", "/", "\\", ".", "..", "", "a/../../b", "C:\\evil", "кл
                 "é" * 300, "lock:x", "x", "%2F", "s:x", "~", " ", "\t\n", "-1001234567890:42"]
 
 fork = multiprocessing.get_context("fork")
+
+#: The file stores again, with the portable ``filelock`` backend forced (as on Windows).
+PORTABLE_KINDS = ["json+filelock", "shelve+filelock", "sqlite+filelock"]
+
+
+def _url_with_locks(request, kind: str, tmp_path, monkeypatch) -> str:
+    base, _, locks = kind.partition("+")
+    if locks:  # children inherit the environment, forked or spawned
+        monkeypatch.setenv(locking.LOCKS_ENV, locks)
+    return _store_url(request, base, tmp_path)
+
+
+@pytest.fixture(params=STORE_KINDS + PORTABLE_KINDS)
+def store_url(request, tmp_path, monkeypatch) -> str:
+    """conftest's stores of every kind, plus the file stores on the portable lock backend."""
+    return _url_with_locks(request, request.param, tmp_path, monkeypatch)
+
+
+@pytest.fixture(params=PERSISTENT_KINDS + PORTABLE_KINDS)
+def shared_store_url(request, tmp_path, monkeypatch) -> str:
+    """conftest's shared stores, plus the file stores on the portable lock backend."""
+    return _url_with_locks(request, request.param, tmp_path, monkeypatch)
 
 
 def sessions_for(url: str, **options) -> Sessions:
@@ -133,35 +157,38 @@ def test_hostile_keys_stay_distinct_and_inside(store_url, tmp_path):
     for i, key in enumerate(HOSTILE_KEYS):
         with sessions.open(key) as s:
             assert s["count"] == i + 1, key
-    assert sorted(sessions.store.keys()) == sorted(HOSTILE_KEYS)
+    assert sorted(sessions.store.keys()) == sorted("session:" + k for k in HOSTILE_KEYS)
+    assert sorted(sessions.keys()) == sorted(HOSTILE_KEYS)
     directory = getattr(sessions.store, "directory", None)
     if directory is not None:  # a file per key: all of them directly inside the store's directory
         created = [os.path.join(root, f) for root, _, files in os.walk(tmp_path) for f in files]
         records = [p for p in created if p.endswith(".json")]
         assert len(records) == len(HOSTILE_KEYS)
-        assert all(os.path.dirname(p) == directory for p in created), created
+        lock_files = sessions.store.lock_path + ".d"  # the portable backend's, named by a hash of the key
+        assert all(os.path.dirname(p) in (directory, lock_files) for p in created), created
 
 
 def test_unserializable_value_leaves_store_unchanged(store_url):
     sessions = sessions_for(store_url)
     with sessions.open("1"):
         session["count"] = 1
-    before = sessions.store.load("1")
+    before = sessions.store.load("session:1")
+    assert before is not None
     with pytest.raises(SerializationError, match=r'session\["cart"\]\[2\]'):
         with sessions.open("1"):
             session["count"] = 2
             session["cart"] = [1, 2, {3}]
-    assert sessions.store.load("1") == before
+    assert sessions.store.load("session:1") == before
 
 
 def test_corrupt_record_raises_and_is_not_overwritten(store_url):
     sessions = sessions_for(store_url)
-    sessions.store.save("bad", b"\x80not json{")
+    sessions.store.save("session:bad", b"\x80not json{")
     with pytest.raises(CorruptSessionError) as info:
         with sessions.open("bad"):
             session["count"] = 1
-    assert "'bad'" in str(info.value) and sessions.store.describe("bad") in str(info.value)
-    assert sessions.store.load("bad") == b"\x80not json{"
+    assert "'session:bad'" in str(info.value) and sessions.store.describe("session:bad") in str(info.value)
+    assert sessions.store.load("session:bad") == b"\x80not json{"
 
 
 def test_delete_and_keys(store_url):
@@ -171,22 +198,23 @@ def test_delete_and_keys(store_url):
             s["count"] = 1
     with sessions.open("b") as s:
         s.delete()
-    assert sorted(sessions.store.keys()) == ["a", "c"]
-    assert sessions.store.load("b") is None
+    assert sorted(sessions.store.keys()) == ["session:a", "session:c"]
+    assert sorted(sessions.keys()) == ["a", "c"]
+    assert sessions.store.load("session:b") is None
     sessions.store.delete("missing")  # no error
 
 
 def test_expiry_and_migration_work_on_every_store(store_url):
     store = from_url(store_url)
-    store.save("old", build_record("old", '{"n":4}', 0, time.time()))
-    store.save("stale", build_record("stale", '{"count":9,"lang":"x"}', 1, time.time() - 3600))
+    store.save("session:old", build_record("session:old", '{"n":4}', 0, time.time()))
+    store.save("session:stale", build_record("session:stale", '{"count":9,"lang":"x"}', 1, time.time() - 3600))
     sessions = Sessions(store, initial=lambda: {"count": 0, "lang": "en"}, ttl=60, version=1,
                         migrations={1: lambda d: {"count": d["n"], "lang": "en"}})
     with sessions.open("old") as s:
         assert s == {"count": 4, "lang": "en"}
     with sessions.open("stale") as s:
         assert s == {"count": 0, "lang": "en"}
-    assert json.loads(store.load("old"))["version"] == 1
+    assert json.loads(store.load("session:old"))["version"] == 1
 
 
 @pytest.mark.parametrize("kind", ["json", "shelve"])
@@ -214,7 +242,7 @@ def test_other_process_holding_a_key_times_out_then_a_killed_holder_frees_it(sha
     try:
         assert ready.wait(30)
         sessions = sessions_for(shared_store_url, lock_timeout=0.3)
-        with pytest.raises(LockTimeout, match="'k'"):
+        with pytest.raises(LockTimeout, match="'session:k'"):
             with sessions.open("k"):
                 pass
         with sessions.open("other"):
@@ -230,3 +258,34 @@ def test_other_process_holding_a_key_times_out_then_a_killed_holder_frees_it(sha
         if holder.is_alive():
             holder.kill()
             holder.join()
+
+
+@pytest.mark.parametrize("kind", PORTABLE_KINDS)
+def test_forced_portable_backend_is_the_one_used(kind, tmp_path, monkeypatch):
+    url = _url_with_locks(None, kind, tmp_path, monkeypatch)
+    sessions = sessions_for(url)
+    with sessions.open("k") as s:
+        s["count"] += 1
+        lock_file = sessions.store._process_lock_file("k")
+        assert isinstance(lock_file, PortableLockFile)
+        held = lock_file.file_of(locking.key_offset("k"))
+        assert os.path.exists(held)  # the key's own lock file, beside the store's lock path
+        assert lock_file.directory == sessions.store.lock_path + ".d"
+
+
+def test_without_fcntl_the_portable_backend_is_chosen_never_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(locking, "fcntl", None)
+    monkeypatch.delenv(locking.LOCKS_ENV, raising=False)
+    assert locking.lock_backend() == "filelock"
+    assert isinstance(locking.range_lock_file_for(str(tmp_path / "x.lock")), PortableLockFile)
+    with pytest.raises(RuntimeError, match="record locks"):
+        locking.RangeLockFile(str(tmp_path / "y.lock"))
+    monkeypatch.setenv(locking.LOCKS_ENV, "posix")
+    with pytest.raises(RuntimeError, match="no POSIX record locks"):
+        locking.lock_backend()
+
+
+def test_unknown_lock_backend_is_refused(monkeypatch):
+    monkeypatch.setenv(locking.LOCKS_ENV, "flock")
+    with pytest.raises(ValueError, match="'flock' is not a lock backend"):
+        locking.lock_backend()

@@ -236,7 +236,9 @@ def test_updates_without_a_chat_or_user_run_without_session(bot):
     ("chat_member", keys.by_user_in_chat, "-5:9"),
     ("chat_join_request", keys.by_chat, "-5"),
     ("message_reaction", keys.by_chat, "-5"),
-    ("business_message", keys.by_chat, "-5"),
+    ("business_message", keys.by_chat, "b:bc1:-5"),
+    ("business_message", keys.by_user, "b:bc1:9"),
+    ("deleted_business_messages", keys.by_chat, "b:bc1:-5"),
     ("poll", keys.by_chat, None),
 ])
 def test_key_strategies_on_every_update_kind(kind, strategy, expected):
@@ -408,7 +410,7 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
 
     bot.exception_handler = CountingHandler()
     store = from_url(f"json:{tmp_path / 's'}")
-    os.mkdir(store.path("13"))  # chat 13's record path is a directory: unreadable and unwritable
+    os.mkdir(store.path("123456:session:13"))  # stored key: bot id, manager name, chat  # chat 13's record path is a directory: unreadable and unwritable
     sessions = Sessions(store, initial=lambda: {"count": 0})
     sessions.setup(bot)
 
@@ -419,14 +421,14 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
     bot.process_new_updates([message_update("x", chat_id=c) for c in (12, 13, 14) for _ in range(10)])
     drain(bot)
     errors = bot.exception_handler.errors
-    assert len(errors) == 10 and all(isinstance(e, StoreError) and "'13'" in str(e) for e in errors)
+    assert len(errors) == 10 and all(isinstance(e, StoreError) and "'123456:session:13'" in str(e) for e in errors)
     with sessions.open("12") as a, sessions.open("14") as b:
         assert a["count"] == 10 and b["count"] == 10
 
 
 def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_path):
     store = from_url(f"json:{tmp_path / 's'}")
-    with open(store.path("5"), "wb") as f:
+    with open(store.path("123456:session:5"), "wb") as f:
         f.write(b"not json")  # reading it would raise CorruptSessionError
     sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2)
     sessions.setup(bot)
@@ -443,6 +445,7 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
         ran.append("count")
 
     holder = Sessions(from_url(f"json:{tmp_path / 's'}"))
+    holder.bind(bot)  # the same stored keys as the bot's manager
     with held_in_another_thread(holder, "6"):
         bot.process_new_updates([message_update("/ping", chat_id=5), message_update("/ping", chat_id=6)])
         drain(bot)

@@ -521,3 +521,191 @@ def test_fake_bot_api_fixture(fake_bot_api: FakeBotAPI) -> None:
     assert fake_bot_api.running
     assert apihelper.API_URL == fake_bot_api.api_url
     assert telebot.TeleBot(fake_bot_api.token).get_me().id == fake_bot_api.bot_user["id"]
+
+
+# --------------------------------------------------------------------------- wait_until_idle
+
+
+def _next_step_bot(api: FakeBotAPI, rounds_log: List[str]) -> telebot.TeleBot:
+    """A conversation whose step is registered well after the question was sent."""
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=4)
+
+    @bot.message_handler(commands=["start"])
+    def start(message: types.Message) -> None:
+        bot.send_message(message.chat.id, "your name?")
+        time.sleep(0.05)  # the reply is out long before the step exists: a racing test loses
+        bot.register_next_step_handler(message, got_name)
+
+    def got_name(message: types.Message) -> None:
+        rounds_log.append(message.text)
+        bot.send_message(message.chat.id, "hello {}".format(message.text))
+
+    @bot.message_handler(func=lambda m: True)
+    def other(message: types.Message) -> None:
+        bot.send_message(message.chat.id, "say /start first")
+
+    return bot
+
+
+def test_wait_until_idle_makes_a_next_step_conversation_deterministic(api: FakeBotAPI) -> None:
+    names: List[str] = []
+    bot = _next_step_bot(api, names)
+    with api.run_bot(bot):
+        for i in range(5):
+            api.send_message(7, "/start")
+            api.wait_until_idle()  # no sleep: the step is registered when this returns
+            api.send_message(7, "Bob{}".format(i))
+            api.wait_until_idle()
+    assert names == ["Bob{}".format(i) for i in range(5)]
+    assert api.replies(7) == [r for i in range(5) for r in ("your name?", "hello Bob{}".format(i))]
+
+
+def test_wait_for_replies_alone_races_the_next_step(api: FakeBotAPI) -> None:
+    # The reason for wait_until_idle: the reply arrives before the handler finished.
+    names: List[str] = []
+    bot = _next_step_bot(api, names)
+    with api.run_bot(bot):
+        api.send_message(8, "/start")
+        api.wait_for_replies(1, chat_id=8)
+        api.send_message(8, "Ann")
+        api.wait_until_idle()
+    assert names == [] and api.replies(8) == ["your name?", "say /start first"]
+
+
+def test_wait_until_idle_waits_for_a_running_handler_and_reports_it(api: FakeBotAPI) -> None:
+    release = threading.Event()
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=2)
+
+    @bot.message_handler(func=lambda m: True)
+    def slow(message: types.Message) -> None:
+        release.wait(30)
+        bot.send_message(message.chat.id, "done")
+
+    with api.run_bot(bot):
+        api.send_message(3, "x")
+        with pytest.raises(TimeoutError, match=r"1 handler task\(s\) still running"):
+            api.wait_until_idle(timeout=1.0)
+        release.set()
+        api.wait_until_idle()
+        assert api.replies(3) == ["done"]
+
+
+def test_wait_until_idle_counts_a_handler_that_raised(api: FakeBotAPI) -> None:
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=2)
+    seen: List[str] = []
+
+    @bot.message_handler(func=lambda m: True)
+    def boom(message: types.Message) -> None:
+        seen.append(message.text)
+        raise ValueError("handler failed")
+
+    with api.run_bot(bot):
+        api.send_message(4, "a")
+        api.send_message(4, "b")
+        api.wait_until_idle()
+        assert sorted(seen) == ["a", "b"]
+
+
+def test_wait_until_idle_needs_run_bot_and_restores_the_bot(api: FakeBotAPI) -> None:
+    with pytest.raises(RuntimeError, match="run_bot"):
+        api.wait_until_idle(timeout=0.1)
+    bot = telebot.TeleBot(api.token, threaded=False)
+    with api.run_bot(bot):
+        assert "_exec_task" in bot.__dict__ and "process_new_updates" in bot.__dict__
+        api.send_message(5, "hi")
+        api.wait_until_idle()
+    assert "_exec_task" not in bot.__dict__ and "process_new_updates" not in bot.__dict__
+
+
+def _install_key_chains(bot: telebot.TeleBot, marks: List[Any]) -> None:
+    """A stand-in for a per-key scheduler wrapping ``bot._exec_task``: one chain per chat, a task
+    appended to a running chain is run by that chain's task, never submitted on its own."""
+    inner = bot._exec_task
+    mutex = threading.Lock()
+    chains: Dict[int, List[Any]] = {}
+
+    def drain(chat_id: int) -> None:
+        while True:
+            with mutex:
+                if not chains[chat_id]:
+                    del chains[chat_id]
+                    return
+                task, args, kwargs = chains[chat_id].pop(0)
+            time.sleep(0.02)
+            task(*args, **kwargs)
+
+    def exec_task(task: Any, *args: Any, **kwargs: Any) -> None:
+        marks.append(getattr(task, "_chain_marker", None))
+        chat_id = args[0].chat.id
+        with mutex:
+            running = chat_id in chains
+            chains.setdefault(chat_id, []).append((task, args, kwargs))
+        if not running:
+            inner(drain, chat_id)
+
+    bot._exec_task = exec_task  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("order", ["scheduler-first", "tracker-first"])
+def test_wait_until_idle_composes_with_another_exec_task_wrapper(api: FakeBotAPI, order: str) -> None:
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=4)
+    handled: List[str] = []
+    marks: List[Any] = []
+
+    @bot.message_handler(func=lambda m: True)
+    def record(message: types.Message) -> None:
+        handled.append(message.text)
+
+    run = bot._run_middlewares_and_handler  # what telebot queues per update, marked like setup() marks it
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        return run(*args, **kwargs)
+
+    marked._chain_marker = "kept"  # type: ignore[attr-defined]
+    bot._run_middlewares_and_handler = marked  # type: ignore[method-assign]
+    if order == "scheduler-first":
+        _install_key_chains(bot, marks)
+    with api.run_bot(bot):
+        if order == "tracker-first":
+            _install_key_chains(bot, marks)
+        for i in range(6):
+            api.send_message(9, str(i))
+        api.wait_until_idle()
+        assert sorted(handled, key=int) == [str(i) for i in range(6)]
+    assert marks and set(marks) == {"kept"}  # the wrapper saw the task's attributes either way
+
+
+@pytest.mark.parametrize("order", ["setup-first", "run_bot-first"])
+def test_wait_until_idle_with_sessions_setup_ordered(api: FakeBotAPI, order: str) -> None:
+    from telesession import Sessions, session
+
+    bot = telebot.TeleBot(api.token, threaded=True, num_threads=4, use_class_middlewares=True)
+    sessions = Sessions("memory://", initial=lambda: {"step": "", "name": ""})
+
+    @bot.message_handler(commands=["start"])
+    def start(message: types.Message) -> None:
+        session["step"] = "name"
+        bot.send_message(message.chat.id, "your name?")
+        time.sleep(0.05)
+        bot.register_next_step_handler(message, got_name)
+
+    def got_name(message: types.Message) -> None:  # next-step handlers bypass the middleware
+        with sessions.open(str(message.chat.id)) as s:
+            s["name"], s["step"] = message.text, "done"
+        bot.send_message(message.chat.id, "hello {}".format(message.text))
+
+    if order == "setup-first":
+        sessions.setup(bot, ordered=True)
+    with api.run_bot(bot):
+        if order == "run_bot-first":
+            sessions.setup(bot, ordered=True)
+        for chat in (11, 12, 13):
+            api.send_message(chat, "/start")
+        api.wait_until_idle()
+        for chat in (11, 12, 13):
+            api.send_message(chat, "N{}".format(chat))
+        api.wait_until_idle()
+    for chat in (11, 12, 13):
+        assert api.replies(chat) == ["your name?", "hello N{}".format(chat)]
+        with sessions.open(str(chat)) as s:
+            assert s == {"step": "done", "name": "N{}".format(chat)}

@@ -18,6 +18,12 @@ SAMPLE = textwrap.dedent('''
     reveal_type(typed.current.name)
     reveal_type(Sessions().current)
     typed.current.nmae  # a typo the checker must catch
+    with typed.open("1") as opened:
+        reveal_type(opened)  # opened: Profile
+    reveal_type(typed.get("1"))  # got: Optional[Profile]
+    reveal_type(typed.get("1", Profile()))  # got with default: Profile
+    for key, snapshot in typed.items():
+        reveal_type(snapshot)  # snapshot: Profile
 ''')
 
 
@@ -31,6 +37,15 @@ def test_sessions_is_generic_for_type_checkers(tmp_path):
     assert 'Revealed type is "builtins.str"' in out or 'Revealed type is "str"' in out, out
     assert 'Revealed type is "builtins.dict[builtins.str, Any]"' in out or 'Revealed type is "dict[str, Any]"' in out, out
     assert '"Profile" has no attribute "nmae"' in out, out
+    lines = {line.split(": note: Revealed type is ")[0].rsplit(":", 1)[-1]: line for line in out.splitlines()
+             if "Revealed type" in line}
+    source = SAMPLE.splitlines()
+    by_comment = {source[int(n) - 1].split("# ")[-1]: line for n, line in lines.items() if "# " in source[int(n) - 1]}
+    assert by_comment["opened: Profile"].endswith('"sample.Profile"'), out
+    assert by_comment["snapshot: Profile"].endswith('"sample.Profile"'), out
+    assert by_comment["got with default: Profile"].endswith('"sample.Profile"'), out
+    got = by_comment["got: Optional[Profile]"]
+    assert got.endswith('"Union[sample.Profile, None]"') or got.endswith('"sample.Profile | None"'), out
 
 
 def test_package_is_typed():

@@ -5,7 +5,8 @@
 ``JSONFileStore``  one JSON file per key; threads and processes on one host
 ``ShelveStore``    one ``shelve`` database; small bots on one host
 ``SQLiteStore``    one SQLite database (WAL); production on one host
-``RedisStore``     Redis; many processes on many machines
+``RedisStore``     Redis or Valkey (one server, Sentinel, Cluster); many machines
+``PostgresStore``  a PostgreSQL table; many processes on many machines
 =================  ============================================================
 """
 from typing import TYPE_CHECKING, Any
@@ -16,17 +17,20 @@ from .url import from_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from .jsonfile import JSONFileStore
+    from .postgres import PostgresStore
     from .redis import RedisStore
     from .shelf import ShelveStore
     from .sqlite import SQLiteStore
 
-__all__ = ["Store", "MemoryStore", "JSONFileStore", "ShelveStore", "SQLiteStore", "RedisStore", "from_url"]
+__all__ = ["Store", "MemoryStore", "JSONFileStore", "ShelveStore", "SQLiteStore", "RedisStore", "PostgresStore",
+           "from_url"]
 
 _LAZY = {
     "JSONFileStore": ".jsonfile",
     "ShelveStore": ".shelf",
     "SQLiteStore": ".sqlite",
     "RedisStore": ".redis",
+    "PostgresStore": ".postgres",
 }
 
 

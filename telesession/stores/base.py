@@ -5,7 +5,9 @@ key and provides a lock per key.  Serialization, change detection, expiry,
 migrations and error wording live above the stores, in the manager, once.
 
 A backend implements ``load``, ``save``, ``delete``, ``keys`` and ``describe``,
-and names its ``location``.  Locking comes from the base class: among threads
+and names its ``location``; ``records`` (every record of a key prefix, for
+``Sessions.items``) has a default built on ``keys`` and ``load`` that a store
+with a cheaper bulk read overrides.  Locking comes from the base class: among threads
 by ``telesession.locking.KeyLocks`` shared by every store object on the same
 location; a backend that is shared between processes adds its own exclusion by
 overriding ``_lock_external`` and ``_unlock_external`` (and, where the lock and the
@@ -13,10 +15,10 @@ record can travel in one round trip, ``load_locked`` and ``save_and_release``).
 """
 import abc
 import time
-from typing import Any, Hashable, Iterator, Optional
+from typing import Any, Hashable, Iterator, Optional, Tuple
 
 from ..errors import LockTimeout, StoreError
-from ..locking import (REENTERED, KeyLocks, RangeLockFile, current_pid, key_locks_for, key_offset,
+from ..locking import (REENTERED, KeyLocks, ProcessLockFile, current_pid, key_locks_for, key_offset,
                        range_lock_file_for)
 
 __all__ = ["Store"]
@@ -33,13 +35,14 @@ class Store(abc.ABC):
     conditional: bool = False
 
     #: Stores shared by processes on one host name a lock file: one byte of it per key
-    #: (``telesession.locking.RangeLockFile``).  ``None``: this process only, or a backend
+    #: (``telesession.locking.RangeLockFile``; ``PortableLockFile`` with ``filelock`` where
+    #: ``fcntl`` is missing or ``TELESESSION_LOCKS=filelock``).  ``None``: this process only, or a backend
     #: that overrides ``_lock_external`` (Redis).
     lock_path: Optional[str] = None
 
     _locks: Optional[KeyLocks] = None
     _locks_pid: int = -1
-    _lock_file: Optional[RangeLockFile] = None
+    _lock_file: Optional[ProcessLockFile] = None
     _lock_file_pid: int = -1
 
     # -- what a backend implements -------------------------------------------------------
@@ -64,8 +67,19 @@ class Store(abc.ABC):
         """Remove ``key``; no error if it is absent."""
 
     @abc.abstractmethod
-    def keys(self) -> Iterator[str]:
-        """Every stored key, in no particular order."""
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Every stored key that starts with ``prefix``, in no particular order, streamed."""
+
+    def records(self, prefix: str = "") -> Iterator[Tuple[str, bytes]]:
+        """``(key, record)`` of every stored key starting with ``prefix``, read without any lock.
+
+        A record deleted between listing and reading is skipped.  The default reads key
+        by key; stores with a bulk read (SQL, Redis) override it with a batched scan.
+        """
+        for key in self.keys(prefix):
+            record = self.load(key)
+            if record is not None:
+                yield key, record
 
     @abc.abstractmethod
     def describe(self, key: str) -> str:
@@ -149,7 +163,7 @@ class Store(abc.ABC):
             lock_file, offset = token
             lock_file.unlock_at(offset)
 
-    def _process_lock_file(self, key: Optional[str] = None) -> RangeLockFile:
+    def _process_lock_file(self, key: Optional[str] = None) -> ProcessLockFile:
         """This process's open ``lock_path``, looked up once per process, not per update."""
         if self._lock_file_pid != current_pid() or self._lock_file is None:
             try:

@@ -154,7 +154,13 @@ class JSONFileStore(Store):
         except OSError as exc:
             raise self._error("delete", key, path, exc) from exc
 
-    def keys(self) -> Iterator[str]:
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys from the file names (a long key's from its record); ``prefix`` filters them."""
+        for key in self._all_keys():
+            if key.startswith(prefix):
+                yield key
+
+    def _all_keys(self) -> Iterator[str]:
         with os.scandir(self.directory) as entries:
             names = [e.name for e in entries if e.name.endswith(_SUFFIX) and not e.name.startswith(".")]
         for name in names:

@@ -1,6 +1,6 @@
 """``MemoryStore``: sessions in a dict of this process, for tests and throwaway bots."""
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .. import locking
 from ..locking import _OWNER, ACQUIRED, REENTERED, _allocate_lock, _get_ident
@@ -85,9 +85,13 @@ class MemoryStore(Store):
     def delete(self, key: str, *, previous: Optional[bytes] = None) -> None:
         self._records.pop(key, None)
 
-    def keys(self) -> Iterator[str]:
+    def keys(self, prefix: str = "") -> Iterator[str]:
         with self._mutex:
-            return iter(list(self._records))
+            return iter([k for k in list(self._records) if k.startswith(prefix)])
+
+    def records(self, prefix: str = "") -> Iterator[Tuple[str, bytes]]:
+        with self._mutex:
+            return iter([(k, r) for k, r in list(self._records.items()) if k.startswith(prefix)])
 
     def describe(self, key: str) -> str:
         return f"memory store record {key!r}"

@@ -359,7 +359,7 @@ class ShelveStore(Store):
                 self._open_generic().close()
             for name in glob.glob(glob.escape(self.path) + "*"):  # files made by older versions or others
                 try:
-                    if not name.endswith(".lock") and os.stat(name).st_mode & 0o077:
+                    if not name.endswith((".lock", ".lock.d")) and os.stat(name).st_mode & 0o077:
                         os.chmod(name, 0o600)
                 except OSError:
                     pass
@@ -407,7 +407,10 @@ class ShelveStore(Store):
                 entries = index.live()
                 self._rewrite(index, {k: v for k, v in entries.items() if k != kb})
 
-    def keys(self) -> Iterator[str]:
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        return iter([key for key in self._all_keys() if key.startswith(prefix)])
+
+    def _all_keys(self) -> Iterator[str]:
         with self._locked("list", None) as index:
             if not self._dumb:
                 with self._open_generic() as db:

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 from .. import locking
 from ..errors import ConflictError, CorruptSessionError, StoreError
@@ -29,6 +29,19 @@ logger = logging.getLogger("telesession")
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PAGE = 500  # keys read per query by keys(): no read transaction stays open between pages
+_RECORD_PAGE = 1000  # rows read per query by records()
+
+
+def _prefix_end(prefix: str) -> Optional[str]:
+    """The smallest string above every string starting with ``prefix`` (SQLite compares UTF-8
+    bytes, which order as code points); ``None`` when there is none (no prefix, or all U+10FFFF)."""
+    chars = prefix.rstrip("\U0010ffff")
+    if not chars:
+        return None
+    last = ord(chars[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:  # surrogates cannot be stored: skip past them
+        last = 0xE000
+    return chars[:-1] + chr(last)
 
 _TABLE = ("CREATE TABLE IF NOT EXISTS sessions ("
           " key TEXT PRIMARY KEY NOT NULL,"
@@ -316,24 +329,48 @@ class SQLiteStore(Store):
                 f"session {key!r} was changed by another writer since it was loaded "
                 f"({self.describe(key)}); it was not deleted", key, self.describe(key))
 
-    def keys(self) -> Iterator[str]:
-        """Every key, read in pages of 500 so no read transaction stays open while you iterate."""
-        after: Optional[str] = None
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix``, read in pages of 500 so no read transaction stays open
+        while you iterate."""
+        for rows in self._pages("key", prefix, _PAGE):
+            for (key,) in rows:
+                yield key
+
+    def records(self, prefix: str = "") -> Iterator[Tuple[str, bytes]]:
+        """``(key, record)`` of the keys starting with ``prefix``: a key-range scan of the primary
+        key in pages of 1,000 rows (no lock, no read transaction held between pages)."""
+        for rows in self._pages("key, record", prefix, _RECORD_PAGE):
+            for key, record in rows:
+                yield key, bytes(record)
+
+    def _pages(self, columns: str, prefix: str, size: int) -> Iterator[List[Any]]:
+        """Pages of ``SELECT columns`` over the key range of ``prefix``, in key order."""
+        upper = _prefix_end(prefix)
+        where, args = "key >= ?", [prefix]
+        if upper is not None:
+            where += " AND key < ?"
+            args.append(upper)
+        first = f"SELECT {columns} FROM sessions WHERE {where} ORDER BY key LIMIT ?"
+        after = f"SELECT {columns} FROM sessions WHERE key > ? AND {where} ORDER BY key LIMIT ?"
+        last: Optional[str] = None
         while True:
             conn = self._conn(None)
             try:
-                if after is None:
-                    rows = conn.execute("SELECT key FROM sessions ORDER BY key LIMIT ?", (_PAGE,)).fetchall()
+                if last is None:
+                    rows = conn.execute(first, (*args, size)).fetchall()
                 else:
-                    rows = conn.execute("SELECT key FROM sessions WHERE key > ? ORDER BY key LIMIT ?",
-                                        (after, _PAGE)).fetchall()
-            except sqlite3.Error as exc:
+                    rows = conn.execute(after, (last, *args, size)).fetchall()
+            except (sqlite3.Error, UnicodeEncodeError) as exc:
                 raise self._error(exc, None, self.path, "listing") from exc
-            for (key,) in rows:
-                yield key
-            if len(rows) < _PAGE:
+            if upper is None and prefix and rows and not rows[-1][0].startswith(prefix):
+                # A prefix of only U+10FFFF has no range end: keys are in order, stop at the first miss.
+                yield [r for r in rows if r[0].startswith(prefix)]
                 return
-            after = rows[-1][0]
+            if rows:
+                yield rows
+            if len(rows) < size:
+                return
+            last = rows[-1][0]
 
     def purge_expired(self, now: Optional[float] = None) -> int:
         """Delete the rows whose ``ttl`` has run out; returns how many.

@@ -1,21 +1,27 @@
 """``from_url``: a store from one string, for configuration files and the CLI."""
-import re
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from .base import Store
+from .redact import scrub
 
 __all__ = ["from_url", "scrub", "SCHEMES"]
 
-SCHEMES = "memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P&lease=S, rediss://..."
+SCHEMES = ("memory://, json:PATH, shelve:PATH, sqlite:PATH, redis://HOST:PORT/DB?prefix=P&lease=S, rediss://..., "
+           "redis+cluster://HOST:PORT[,HOST:PORT...], redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB], "
+           "valkey://..., valkeys://..., "
+           "postgresql://USER@HOST:PORT/DB?table=T")
 
 
 def from_url(url: str, **options: Any) -> Store:
     """Open the store that ``url`` names; ``options`` go to the store's constructor.
 
     ``memory://``, ``json:PATH``, ``shelve:PATH``, ``sqlite:PATH`` (``sqlite:///abs/path``
-    works too), ``redis://[:password@]host:port/db?prefix=...&lease=SECONDS`` and
-    ``rediss://`` for TLS.
+    works too), ``redis://[:password@]host:port/db?prefix=...&lease=SECONDS``, ``rediss://``
+    for TLS, ``redis+cluster://HOST:PORT[,HOST:PORT...]``,
+    ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`` and the same with
+    ``valkey``/``valkeys`` (see ``RedisStore``), and
+    ``postgresql://user:password@host:port/db?table=T&max_size=N`` (``postgres://`` too).
     """
     scheme, sep, rest = url.partition(":")
     scheme = scheme.lower()
@@ -40,20 +46,12 @@ def from_url(url: str, **options: Any) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(path, **options)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme.split("+", 1)[0] in ("redis", "rediss", "unix", "valkey", "valkeys"):
         from .redis import RedisStore
 
         return RedisStore(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
     raise ValueError(f"unknown store URL scheme {scheme!r} in {scrub(url)!r}; use one of {SCHEMES}")
-
-
-def scrub(url: str) -> str:
-    """``url`` without its password, in the authority (``user:***@host``) or a ``password=`` parameter."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rsplit("@", 1)[1]
-            url = urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "<unparsable URL>"
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)

@@ -1,988 +1,35 @@
-"""Test helpers: a local Bot API server that a real, unmodified TeleBot polls, and update factories.
+"""``FakeBotAPI``: a local Telegram Bot API that a real, unmodified TeleBot polls over HTTP.
 
-``FakeBotAPI`` is a real HTTP server on a free loopback port that answers the Bot API
-methods telebot uses for polling and replying, records what the bot did, and lets a test
-push user updates.  The factories (``make_message``, ``make_update`` ...) build the very
-objects telebot builds, via ``types.Update.de_json``, for unit tests without any server.
-
-This module imports only telebot and the standard library, so it works on its own.
-
-Example::
-
-    with FakeBotAPI() as api:
-        bot = telebot.TeleBot(api.token)
-
-        @bot.message_handler(commands=["start"])
-        def start(message):
-            bot.reply_to(message, "hello")
-
-        with api.run_bot(bot):
-            api.send_message(42, "/start")
-            assert api.wait_for_replies(1, chat_id=42)[0].text == "hello"
+It answers the methods telebot uses for polling and replying, records what the bot
+did, lets a test push user updates, and (``run_bot`` + ``wait_until_idle``) waits
+until the bot has handled everything it was sent.
 """
 import contextlib
 import copy
-import email.parser
-import email.policy
 import hashlib
 import json
 import logging
-import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Set, Tuple, Union)
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import telebot
 from telebot import apihelper, types
 
-__all__ = [
-    "FakeBotAPI",
-    "BotAPIError",
-    "Call",
-    "UploadedFile",
-    "DEFAULT_TOKEN",
-    "DEFAULT_USER_ID",
-    "DEFAULT_GROUP_ID",
-    "UPDATE_KINDS",
-    "next_update_id",
-    "user_dict",
-    "chat_dict",
-    "message_dict",
-    "callback_query_dict",
-    "update_dict",
-    "make_user",
-    "make_chat",
-    "make_message",
-    "make_callback_query",
-    "make_inline_query",
-    "make_update",
-    "message_update",
-    "callback_update",
-    "inline_query_update",
-]
+from .idle import IdleTracker
+from .server import (_COMMAND_RE, _HOUSEKEEPING, _NOT_MODIFIED, _TOO_OLD, _TRUE_METHODS, BotAPIError, Call,
+                     UploadedFile, _callback_datas, _decode_params, _describe, _Failure, _is_inline, _Params,
+                     _Server, _update_kind)
+from .updates import (_MAX_CAPTION, _MAX_TEXT, DEFAULT_TOKEN, _bot_user_dict, _file_ids, _member, _now, _poll,
+                      _update_ids, callback_query_dict, chat_dict, message_dict, next_update_id, update_dict,
+                      user_dict)
+
+__all__ = ["FakeBotAPI"]
 
 logger = logging.getLogger("telesession.testing")
-
-DEFAULT_TOKEN = "123456:TEST"
-"""The token ``FakeBotAPI`` accepts unless given another one."""
-DEFAULT_USER_ID = 1
-"""The user who writes in a group when no ``user_id`` is given."""
-DEFAULT_GROUP_ID = -100
-"""The chat of group-only updates (chat_member, chat_join_request ...) when none is given."""
-
-_SUPERGROUP_LIMIT = -1000000000000  # supergroup and channel ids look like -100XXXXXXXXXX
-_MAX_TEXT = 4096
-_MAX_CAPTION = 1024
-_MAX_BODY = 50 * 1024 * 1024
-
-
-def _now() -> int:
-    return int(time.time())
-
-
-class _Counter:
-    """A thread-safe, monotonic integer source."""
-
-    def __init__(self, start: int = 1) -> None:
-        self._lock = threading.Lock()
-        self._next = start
-
-    def next(self) -> int:
-        with self._lock:
-            value = self._next
-            self._next += 1
-            return value
-
-    def bump(self, seen: int) -> None:
-        """Make sure later values are greater than ``seen``."""
-        with self._lock:
-            if seen >= self._next:
-                self._next = seen + 1
-
-
-_update_ids = _Counter()
-_message_ids = _Counter(1000)
-_query_ids = _Counter(1)
-_file_ids = _Counter(1)
-
-
-def next_update_id() -> int:
-    """Next value of the process-wide update_id counter that factories and FakeBotAPI share."""
-    return _update_ids.next()
-
-
-# --------------------------------------------------------------------------- factories (dicts)
-
-
-def _default_chat_type(chat_id: int) -> str:
-    if chat_id > 0:
-        return "private"
-    if chat_id <= _SUPERGROUP_LIMIT:
-        return "supergroup"
-    return "group"
-
-
-def _default_user_id(chat_id: int) -> int:
-    return chat_id if chat_id > 0 else DEFAULT_USER_ID
-
-
-def user_dict(user_id: int = DEFAULT_USER_ID, *, is_bot: bool = False, first_name: Optional[str] = None,
-              username: Optional[str] = None, language_code: Optional[str] = "en",
-              **extra: Any) -> Dict[str, Any]:
-    """The JSON of a Telegram ``User``: ``first_name`` "User <id>", ``username`` "user<id>"."""
-    user: Dict[str, Any] = {
-        "id": user_id,
-        "is_bot": is_bot,
-        "first_name": first_name if first_name is not None else "User {}".format(user_id),
-        "username": username if username is not None else "user{}".format(user_id),
-    }
-    if language_code and not is_bot:
-        user["language_code"] = language_code
-    user.update(extra)
-    return user
-
-
-def chat_dict(chat_id: int = 1, chat_type: Optional[str] = None, *, title: Optional[str] = None,
-              user: Optional[Mapping[str, Any]] = None, is_forum: Optional[bool] = None,
-              **extra: Any) -> Dict[str, Any]:
-    """The JSON of a ``Chat``: private for ids > 0, supergroup for -100…, group for other negative ids."""
-    kind = chat_type or _default_chat_type(chat_id)
-    chat: Dict[str, Any] = {"id": chat_id, "type": kind}
-    if kind == "private":
-        who = user if user is not None and user.get("id") == chat_id else user_dict(chat_id)
-        chat["first_name"] = who.get("first_name", "User {}".format(chat_id))
-        if who.get("username"):
-            chat["username"] = who["username"]
-    else:
-        if title is None:
-            title = "{} {}".format("Channel" if kind == "channel" else "Group", abs(chat_id))
-        chat["title"] = title
-    if is_forum:
-        chat["is_forum"] = True
-    chat.update(extra)
-    return chat
-
-
-def _command_entities(text: Optional[str]) -> Optional[List[Dict[str, Any]]]:
-    """A ``bot_command`` entity for texts like "/start arg" (what Telegram adds)."""
-    if not text or not text.startswith("/"):
-        return None
-    command = text.split(None, 1)[0]
-    if len(command) < 2:
-        return None
-    # Telegram counts offsets and lengths in UTF-16 code units.
-    return [{"type": "bot_command", "offset": 0, "length": len(command.encode("utf-16-le")) // 2}]
-
-
-def message_dict(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional[int] = None, *,
-                 chat_type: Optional[str] = None, message_thread_id: Optional[int] = None,
-                 message_id: Optional[int] = None, date: Optional[int] = None,
-                 reply_to_message: Optional[Mapping[str, Any]] = None,
-                 entities: Optional[List[Mapping[str, Any]]] = None,
-                 from_user: Optional[Mapping[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
-    """The JSON of a ``Message`` a user wrote; commands get their ``bot_command`` entity.
-
-    A ``message_thread_id`` makes it a forum-topic message (in a supergroup when the chat id
-    is negative).  ``chat_type="channel"`` gives a channel post (``sender_chat``, no ``from``).
-    ``from_user`` replaces the sender (e.g. the bot's user dict, for a message the bot sent).
-    ``extra`` keys are copied into the message last, e.g. ``photo=[...]``.
-    """
-    if chat_type is None and message_thread_id is not None and chat_id < 0:
-        chat_type = "supergroup"
-    kind = chat_type or _default_chat_type(chat_id)
-    uid = user_id if user_id is not None else _default_user_id(chat_id)
-    sender = user_dict(uid)
-    chat = chat_dict(chat_id, kind, user=sender,
-                     is_forum=True if (message_thread_id is not None and kind == "supergroup") else None)
-    message: Dict[str, Any] = {
-        "message_id": message_id if message_id is not None else _message_ids.next(),
-        "date": date if date is not None else _now(),
-        "chat": chat,
-    }
-    if kind == "channel":
-        message["sender_chat"] = dict(chat)
-    else:
-        message["from"] = dict(from_user) if from_user is not None else sender
-    if message_thread_id is not None:
-        message["message_thread_id"] = message_thread_id
-        message["is_topic_message"] = True
-    if reply_to_message is not None:
-        message["reply_to_message"] = dict(reply_to_message)
-    if text is not None:
-        message["text"] = text
-        found = entities if entities is not None else _command_entities(text)
-        if found:
-            message["entities"] = [dict(e) for e in found]
-    message.update(extra)
-    return message
-
-
-def _bot_user_dict(bot_user: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    if bot_user is not None:
-        return {k: bot_user[k] for k in ("id", "is_bot", "first_name", "username") if k in bot_user}
-    bot_id = int(DEFAULT_TOKEN.split(":", 1)[0])
-    return {"id": bot_id, "is_bot": True, "first_name": "Test Bot", "username": "test_bot"}
-
-
-def callback_query_dict(data: Optional[str] = "", chat_id: int = 1, user_id: Optional[int] = None, *,
-                        message_id: Optional[int] = None, message: Optional[Mapping[str, Any]] = None,
-                        inline_message_id: Optional[str] = None, query_id: Optional[str] = None,
-                        chat_instance: Optional[str] = None, bot_user: Optional[Mapping[str, Any]] = None,
-                        **extra: Any) -> Dict[str, Any]:
-    """The JSON of a ``CallbackQuery``: a user pressed an inline button on a message the bot sent."""
-    uid = user_id if user_id is not None else _default_user_id(chat_id)
-    query: Dict[str, Any] = {
-        "id": query_id if query_id is not None else str(_query_ids.next()),
-        "from": user_dict(uid),
-        "chat_instance": chat_instance if chat_instance is not None else str(abs(chat_id) * 7 + 1000),
-    }
-    if data is not None:
-        query["data"] = data
-    if inline_message_id is not None:
-        query["inline_message_id"] = inline_message_id
-    else:
-        if message is None:
-            message = message_dict("Choose:", chat_id, uid, message_id=message_id,
-                                   from_user=_bot_user_dict(bot_user))
-        query["message"] = dict(message)
-    query.update(extra)
-    return query
-
-
-def _inline_query(query: str = "", user_id: int = DEFAULT_USER_ID, *, offset: str = "",
-                  chat_type: Optional[str] = "sender", query_id: Optional[str] = None,
-                  **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {"id": query_id or str(_query_ids.next()), "from": user_dict(user_id),
-                               "query": query, "offset": offset}
-    if chat_type:
-        payload["chat_type"] = chat_type
-    payload.update(extra)
-    return payload
-
-
-def _chosen_inline_result(result_id: str = "1", user_id: int = DEFAULT_USER_ID, *, query: str = "",
-                          inline_message_id: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {"result_id": result_id, "from": user_dict(user_id), "query": query}
-    if inline_message_id is not None:
-        payload["inline_message_id"] = inline_message_id
-    payload.update(extra)
-    return payload
-
-
-def _shipping_query(user_id: int = DEFAULT_USER_ID, *, invoice_payload: str = "payload",
-                    shipping_address: Optional[Mapping[str, Any]] = None, query_id: Optional[str] = None,
-                    **extra: Any) -> Dict[str, Any]:
-    address = dict(shipping_address) if shipping_address is not None else {
-        "country_code": "DE", "state": "", "city": "Berlin", "street_line1": "Street 1",
-        "street_line2": "", "post_code": "10115"}
-    payload = {"id": query_id or str(_query_ids.next()), "from": user_dict(user_id),
-               "invoice_payload": invoice_payload, "shipping_address": address}
-    payload.update(extra)
-    return payload
-
-
-def _pre_checkout_query(user_id: int = DEFAULT_USER_ID, *, currency: str = "USD", total_amount: int = 100,
-                        invoice_payload: str = "payload", query_id: Optional[str] = None,
-                        **extra: Any) -> Dict[str, Any]:
-    payload = {"id": query_id or str(_query_ids.next()), "from": user_dict(user_id), "currency": currency,
-               "total_amount": total_amount, "invoice_payload": invoice_payload}
-    payload.update(extra)
-    return payload
-
-
-def _poll_option(index: int, option: Any) -> Dict[str, Any]:
-    if isinstance(option, Mapping):
-        opt = dict(option)
-    else:
-        opt = {"text": str(option)}
-    opt.setdefault("voter_count", 0)
-    opt.setdefault("persistent_id", str(index))
-    return opt
-
-
-def _poll(question: str = "Question?", options: Sequence[Any] = ("Yes", "No"), *, poll_id: Optional[str] = None,
-          **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {
-        "id": poll_id or str(_query_ids.next()), "question": question,
-        "options": [_poll_option(i, o) for i, o in enumerate(options)],
-        "total_voter_count": 0, "is_closed": False, "is_anonymous": True, "type": "regular",
-        "allows_multiple_answers": False}
-    payload.update(extra)
-    return payload
-
-
-def _poll_answer(poll_id: str = "1", user_id: int = DEFAULT_USER_ID, *, option_ids: Sequence[int] = (0,),
-                 **extra: Any) -> Dict[str, Any]:
-    payload: Dict[str, Any] = {"poll_id": poll_id, "user": user_dict(user_id), "option_ids": list(option_ids),
-                               "option_persistent_ids": [str(i) for i in option_ids]}
-    payload.update(extra)
-    return payload
-
-
-def _member(user: Mapping[str, Any], status: str) -> Dict[str, Any]:
-    member: Dict[str, Any] = {"user": dict(user), "status": status}
-    if status == "creator":
-        member["is_anonymous"] = False
-    elif status == "administrator":
-        member.update({k: False for k in (
-            "is_anonymous", "can_manage_chat", "can_delete_messages", "can_manage_video_chats",
-            "can_restrict_members", "can_promote_members", "can_change_info", "can_invite_users",
-            "can_post_stories", "can_edit_stories", "can_delete_stories")})
-        member["can_be_edited"] = False
-    elif status == "restricted":
-        member.update({"is_member": True, "until_date": 0})
-    elif status == "kicked":
-        member["until_date"] = 0
-    return member
-
-
-def _chat_member_updated(chat_id: int = DEFAULT_GROUP_ID, user_id: Optional[int] = None, *,
-                         member: Optional[Mapping[str, Any]] = None, old_status: str = "left",
-                         new_status: str = "member", date: Optional[int] = None,
-                         **extra: Any) -> Dict[str, Any]:
-    uid = user_id if user_id is not None else _default_user_id(chat_id)
-    sender = user_dict(uid)
-    who = dict(member) if member is not None else sender
-    payload = {"chat": chat_dict(chat_id, user=sender), "from": sender, "date": date or _now(),
-               "old_chat_member": _member(who, old_status), "new_chat_member": _member(who, new_status)}
-    payload.update(extra)
-    return payload
-
-
-def _my_chat_member(chat_id: int = DEFAULT_GROUP_ID, user_id: Optional[int] = None, *,
-                    bot_user: Optional[Mapping[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
-    return _chat_member_updated(chat_id, user_id, member=_bot_user_dict(bot_user), **extra)
-
-
-def _chat_join_request(chat_id: int = DEFAULT_GROUP_ID, user_id: int = DEFAULT_USER_ID, *,
-                       date: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
-    payload = {"chat": chat_dict(chat_id), "from": user_dict(user_id), "user_chat_id": user_id,
-               "date": date or _now()}
-    payload.update(extra)
-    return payload
-
-
-def _reactions(emojis: Union[str, Iterable[Any]]) -> List[Dict[str, Any]]:
-    if isinstance(emojis, str):
-        emojis = [emojis]
-    return [dict(e) if isinstance(e, Mapping) else {"type": "emoji", "emoji": str(e)} for e in emojis]
-
-
-def _message_reaction(chat_id: int = 1, user_id: Optional[int] = None, message_id: int = 1, *,
-                      new_reaction: Union[str, Iterable[Any]] = ("\U0001F44D",),
-                      old_reaction: Union[str, Iterable[Any]] = (), date: Optional[int] = None,
-                      **extra: Any) -> Dict[str, Any]:
-    uid = user_id if user_id is not None else _default_user_id(chat_id)
-    sender = user_dict(uid)
-    payload = {"chat": chat_dict(chat_id, user=sender), "message_id": message_id, "user": sender,
-               "date": date or _now(), "old_reaction": _reactions(old_reaction),
-               "new_reaction": _reactions(new_reaction)}
-    payload.update(extra)
-    return payload
-
-
-def _message_reaction_count(chat_id: int = DEFAULT_GROUP_ID, message_id: int = 1, *,
-                            reactions: Optional[Mapping[str, int]] = None, date: Optional[int] = None,
-                            **extra: Any) -> Dict[str, Any]:
-    counts = reactions if reactions is not None else {"\U0001F44D": 1}
-    payload = {"chat": chat_dict(chat_id), "message_id": message_id, "date": date or _now(),
-               "reactions": [{"type": {"type": "emoji", "emoji": e}, "total_count": n} for e, n in counts.items()]}
-    payload.update(extra)
-    return payload
-
-
-def _chat_boost(chat_id: int = -1000000000001, user_id: int = DEFAULT_USER_ID, *, boost_id: str = "boost1",
-                **extra: Any) -> Dict[str, Any]:
-    now = _now()
-    payload = {"chat": chat_dict(chat_id, "channel"),
-               "boost": {"boost_id": boost_id, "add_date": now, "expiration_date": now + 86400 * 30,
-                         "source": {"source": "premium", "user": user_dict(user_id)}}}
-    payload.update(extra)
-    return payload
-
-
-def _removed_chat_boost(chat_id: int = -1000000000001, user_id: int = DEFAULT_USER_ID, *,
-                        boost_id: str = "boost1", **extra: Any) -> Dict[str, Any]:
-    payload = {"chat": chat_dict(chat_id, "channel"), "boost_id": boost_id, "remove_date": _now(),
-               "source": {"source": "premium", "user": user_dict(user_id)}}
-    payload.update(extra)
-    return payload
-
-
-def _business_connection(user_id: int = DEFAULT_USER_ID, *, connection_id: str = "bc1", is_enabled: bool = True,
-                         **extra: Any) -> Dict[str, Any]:
-    payload = {"id": connection_id, "user": user_dict(user_id), "user_chat_id": user_id, "date": _now(),
-               "is_enabled": is_enabled}
-    payload.update(extra)
-    return payload
-
-
-def _deleted_business_messages(chat_id: int = 1, *, message_ids: Sequence[int] = (1,),
-                               connection_id: str = "bc1", **extra: Any) -> Dict[str, Any]:
-    payload = {"business_connection_id": connection_id, "chat": chat_dict(chat_id),
-               "message_ids": list(message_ids)}
-    payload.update(extra)
-    return payload
-
-
-def _purchased_paid_media(user_id: int = DEFAULT_USER_ID, *, paid_media_payload: str = "payload",
-                          **extra: Any) -> Dict[str, Any]:
-    sender = user_dict(user_id)
-    # The Bot API field is "from"; telebot 4.37.1 reads "from_user", so both are present.
-    payload = {"from": sender, "from_user": dict(sender), "paid_media_payload": paid_media_payload}
-    payload.update(extra)
-    return payload
-
-
-def _edited(builder: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
-    def build(*args: Any, **kwargs: Any) -> Dict[str, Any]:
-        message = builder(*args, **kwargs)
-        message.setdefault("edit_date", message["date"] + 1)
-        return message
-    return build
-
-
-def _channel_post(text: Optional[str] = "hi", chat_id: int = -1000000000001, **kwargs: Any) -> Dict[str, Any]:
-    kwargs.setdefault("chat_type", "channel")
-    return message_dict(text, chat_id, **kwargs)
-
-
-def _business_message(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional[int] = None, *,
-                      connection_id: str = "bc1", **kwargs: Any) -> Dict[str, Any]:
-    message = message_dict(text, chat_id, user_id, **kwargs)
-    message.setdefault("business_connection_id", connection_id)
-    return message
-
-
-_BUILDERS: Dict[str, Callable[..., Dict[str, Any]]] = {
-    "message": message_dict,
-    "edited_message": _edited(message_dict),
-    "channel_post": _channel_post,
-    "edited_channel_post": _edited(_channel_post),
-    "business_message": _business_message,
-    "edited_business_message": _edited(_business_message),
-    "callback_query": callback_query_dict,
-    "inline_query": _inline_query,
-    "chosen_inline_result": _chosen_inline_result,
-    "shipping_query": _shipping_query,
-    "pre_checkout_query": _pre_checkout_query,
-    "poll": _poll,
-    "poll_answer": _poll_answer,
-    "my_chat_member": _my_chat_member,
-    "chat_member": _chat_member_updated,
-    "chat_join_request": _chat_join_request,
-    "message_reaction": _message_reaction,
-    "message_reaction_count": _message_reaction_count,
-    "chat_boost": _chat_boost,
-    "removed_chat_boost": _removed_chat_boost,
-    "business_connection": _business_connection,
-    "deleted_business_messages": _deleted_business_messages,
-    "purchased_paid_media": _purchased_paid_media,
-}
-
-UPDATE_KINDS: Tuple[str, ...] = tuple(_BUILDERS)
-"""The update kinds ``update_dict``/``make_update`` can build with defaults."""
-
-
-def update_dict(kind: Optional[str] = None, *, update_id: Optional[int] = None, **fields: Any) -> Dict[str, Any]:
-    """The JSON of an ``Update``.
-
-    ``update_dict("message", text="/start", chat_id=5)`` builds the payload of that kind with
-    sensible defaults (``fields`` are the builder's parameters, e.g. ``chat_id``, ``user_id``,
-    ``data``, ``query``; unknown ones are copied into the payload).  Without a kind, ``fields``
-    are the raw update fields: ``update_dict(message={...})``.
-    """
-    if kind is None:
-        if not fields:
-            raise ValueError("update_dict() needs a kind or the update's fields")
-        payload_fields = copy.deepcopy(fields)
-    else:
-        builder = _BUILDERS.get(kind)
-        if builder is None:
-            raise ValueError("unknown update kind {!r}; known kinds: {}".format(kind, ", ".join(UPDATE_KINDS)))
-        payload_fields = {kind: builder(**fields)}
-    uid = update_id if update_id is not None else next_update_id()
-    _update_ids.bump(uid)
-    update: Dict[str, Any] = {"update_id": uid}
-    update.update(payload_fields)
-    return update
-
-
-# --------------------------------------------------------------------------- factories (telebot objects)
-
-
-def make_user(user_id: int = DEFAULT_USER_ID, **fields: Any) -> types.User:
-    """A real ``types.User``."""
-    return types.User.de_json(user_dict(user_id, **fields))
-
-
-def make_chat(chat_id: int = 1, chat_type: Optional[str] = None, **fields: Any) -> types.Chat:
-    """A real ``types.Chat`` (private for ids > 0, group/supergroup for negative ids)."""
-    return types.Chat.de_json(chat_dict(chat_id, chat_type, **fields))
-
-
-def make_message(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional[int] = None,
-                 chat_type: Optional[str] = None, message_thread_id: Optional[int] = None,
-                 **fields: Any) -> types.Message:
-    """A real ``types.Message`` a user sent (see :func:`message_dict` for the defaults)."""
-    return types.Message.de_json(message_dict(text, chat_id, user_id, chat_type=chat_type,
-                                              message_thread_id=message_thread_id, **fields))
-
-
-def make_callback_query(data: Optional[str] = "", chat_id: int = 1, user_id: Optional[int] = None,
-                        **fields: Any) -> types.CallbackQuery:
-    """A real ``types.CallbackQuery`` on a bot message in ``chat_id``."""
-    return types.CallbackQuery.de_json(callback_query_dict(data, chat_id, user_id, **fields))
-
-
-def make_inline_query(query: str = "", user_id: int = DEFAULT_USER_ID, **fields: Any) -> types.InlineQuery:
-    """A real ``types.InlineQuery`` from ``user_id``."""
-    return types.InlineQuery.de_json(_inline_query(query, user_id, **fields))
-
-
-def make_update(kind: Optional[str] = None, *, update_id: Optional[int] = None, **fields: Any) -> types.Update:
-    """A real ``types.Update``, parsed by telebot from :func:`update_dict`'s JSON."""
-    return types.Update.de_json(update_dict(kind, update_id=update_id, **fields))
-
-
-def message_update(text: Optional[str] = "hi", chat_id: int = 1, user_id: Optional[int] = None,
-                   update_id: Optional[int] = None, **fields: Any) -> types.Update:
-    """An ``Update`` holding a user's message (feed it to ``bot.process_new_updates([...])``)."""
-    return make_update("message", update_id=update_id, text=text, chat_id=chat_id, user_id=user_id, **fields)
-
-
-def callback_update(data: Optional[str] = "", chat_id: int = 1, user_id: Optional[int] = None,
-                    update_id: Optional[int] = None, **fields: Any) -> types.Update:
-    """An ``Update`` holding a callback query (an inline button press)."""
-    return make_update("callback_query", update_id=update_id, data=data, chat_id=chat_id, user_id=user_id,
-                       **fields)
-
-
-def inline_query_update(query: str = "", user_id: int = DEFAULT_USER_ID, update_id: Optional[int] = None,
-                        **fields: Any) -> types.Update:
-    """An ``Update`` holding an inline query."""
-    return make_update("inline_query", update_id=update_id, query=query, user_id=user_id, **fields)
-
-
-# --------------------------------------------------------------------------- the fake server
-
-
-class BotAPIError(Exception):
-    """An error answer of the fake Bot API; raise it from a handler given to ``FakeBotAPI.add_method``."""
-
-    def __init__(self, error_code: int, description: str, parameters: Optional[Mapping[str, Any]] = None) -> None:
-        super().__init__("{} {}".format(error_code, description))
-        self.error_code = error_code
-        self.description = description
-        self.parameters = dict(parameters) if parameters else None
-
-    def to_json(self) -> Dict[str, Any]:
-        """The response body, as Telegram sends it."""
-        body: Dict[str, Any] = {"ok": False, "error_code": self.error_code, "description": self.description}
-        if self.parameters:
-            body["parameters"] = self.parameters
-        return body
-
-
-class UploadedFile(NamedTuple):
-    """A file the bot uploaded in a multipart request."""
-
-    filename: Optional[str]
-    content: bytes
-    content_type: str
-
-
-@dataclass
-class Call:
-    """One Bot API request the server received: ``method``, decoded ``params`` and what it answered.
-
-    ``chat_id`` and ``text`` (the text, or caption) are lifted from the params; ``message`` is the
-    message the call created or edited (a snapshot); ``result`` the answer's result, or
-    ``error_code``/``description`` for failed calls.  ``call["text"]`` works like ``call.text``.
-    """
-
-    method: str
-    params: Dict[str, Any]
-    chat_id: Optional[Union[int, str]] = None
-    text: Optional[str] = None
-    files: Dict[str, UploadedFile] = field(default_factory=dict)
-    result: Any = None
-    message: Optional[Dict[str, Any]] = None
-    created_message: bool = False
-    error_code: Optional[int] = None
-    description: Optional[str] = None
-    time: float = field(default_factory=time.time)
-
-    @property
-    def ok(self) -> bool:
-        """Whether the call succeeded."""
-        return self.error_code is None
-
-    @property
-    def message_id(self) -> Optional[int]:
-        """The id of the message this call created or edited."""
-        return self.message.get("message_id") if self.message else None
-
-    def __getitem__(self, key: str) -> Any:
-        if key.startswith("_") or not hasattr(self, key):
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Dict-style access to the fields."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
-# Parameter decoding: everything arrives as strings in a query string or form, or typed in JSON.
-_JSON_FIELDS = frozenset((
-    "reply_markup", "entities", "caption_entities", "link_preview_options", "reply_parameters",
-    "allowed_updates", "commands", "scope", "media", "results", "options", "permissions", "reaction",
-    "menu_button", "rights", "message_ids", "prices", "shipping_options", "explanation_entities",
-    "question_entities", "button", "suggested_post_parameters", "input_message_content",
-))
-_NUMBER_FIELDS = frozenset((
-    "message_id", "from_chat_id", "user_id", "offset", "limit", "timeout", "message_thread_id", "cache_time",
-    "until_date", "duration", "width", "height", "length", "max_connections", "direct_messages_topic_id",
-    "open_period", "close_date", "latitude", "longitude", "horizontal_accuracy", "live_period", "heading",
-    "proximity_alert_radius", "correct_option_id", "total_amount", "sender_chat_id", "draft_id",
-))
-_BOOL_FIELDS = frozenset((
-    "show_alert", "disable_notification", "protect_content", "drop_pending_updates", "disable_web_page_preview",
-    "allow_sending_without_reply", "is_anonymous", "allows_multiple_answers", "is_closed", "revoke_messages",
-    "only_if_banned", "is_big", "return_bots", "has_spoiler", "supports_streaming", "allow_paid_broadcast",
-    "disable_content_type_detection", "show_caption_above_media", "ok", "for_channels",
-))
-_HOUSEKEEPING = frozenset(("getUpdates", "getMe", "setWebhook", "deleteWebhook", "getWebhookInfo", "close",
-                           "logOut"))
-_TRUE_METHODS = (
-    "sendChatAction", "deleteMyCommands", "setMessageReaction", "pinChatMessage", "unpinChatMessage",
-    "unpinAllChatMessages", "unpinAllForumTopicMessages", "leaveChat", "banChatMember", "unbanChatMember",
-    "restrictChatMember", "promoteChatMember", "setChatAdministratorCustomTitle", "banChatSenderChat",
-    "unbanChatSenderChat", "setChatPermissions", "setChatTitle", "setChatDescription", "setChatPhoto",
-    "deleteChatPhoto", "approveChatJoinRequest", "declineChatJoinRequest", "setMyName", "setMyDescription",
-    "setMyShortDescription", "setChatMenuButton", "setMyDefaultAdministratorRights", "answerInlineQuery",
-    "answerShippingQuery", "answerPreCheckoutQuery", "answerWebAppQuery", "setChatStickerSet",
-    "deleteChatStickerSet", "sendMessageDraft", "readBusinessMessage",
-)
-_TOO_OLD = "Bad Request: query is too old and response timeout expired or query ID is invalid"
-_NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply markup are "
-                 "exactly the same as a current content and reply markup of the message")
-_COMMAND_RE = re.compile(r"^[a-z0-9_]{1,32}$")
-_PATH_RE = re.compile(r"^/bot([^/]+)/([^/]+)/?$")
-
-
-def _decode_value(name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    if name in _JSON_FIELDS:
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    if name in _NUMBER_FIELDS or name == "chat_id":
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                return float(value) if name != "chat_id" else value
-            except ValueError:
-                return value
-    if name in _BOOL_FIELDS:
-        lowered = value.strip().lower()
-        if lowered in ("true", "1"):
-            return True
-        if lowered in ("false", "0", ""):
-            return False
-    return value
-
-
-def _decode_params(raw: Mapping[str, Any]) -> Dict[str, Any]:
-    return {name: _decode_value(name, value) for name, value in raw.items()}
-
-
-def _parse_multipart(body: bytes, content_type: str) -> Tuple[Dict[str, str], Dict[str, UploadedFile]]:
-    head = "Content-Type: {}\r\nMIME-Version: 1.0\r\n\r\n".format(content_type).encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise ValueError("malformed multipart/form-data body")
-    fields: Dict[str, str] = {}
-    files: Dict[str, UploadedFile] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        raw = part.get_payload(decode=True)
-        payload = raw if isinstance(raw, bytes) else b""
-        filename = part.get_filename()
-        if filename is None:
-            charset = part.get_content_charset() or "utf-8"
-            fields[str(name)] = payload.decode(charset, "replace")
-        else:
-            files[str(name)] = UploadedFile(filename, payload, part.get_content_type())
-    return fields, files
-
-
-class _Params:
-    """Typed access to one request's decoded params, raising Telegram-style 400 errors."""
-
-    def __init__(self, call: Call) -> None:
-        self.call = call
-        self.values = call.params
-        self.files = call.files
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self.values.get(name)
-        return default if value is None else value
-
-    def string(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        value = self.values.get(name)
-        if value is None:
-            return default
-        return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list)) else \
-            str(value)
-
-    def number(self, name: str, default: Optional[float] = None) -> Optional[float]:
-        value = self.values.get(name)
-        if value is None or value == "":
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BotAPIError(400, "Bad Request: invalid {} specified".format(name))
-        return value
-
-    def integer(self, name: str, default: Optional[int] = None, missing: Optional[str] = None) -> Optional[int]:
-        value = self.number(name)
-        if value is None:
-            if missing is not None:
-                raise BotAPIError(400, missing)
-            return default
-        if int(value) != value:
-            raise BotAPIError(400, "Bad Request: invalid {} specified".format(name))
-        return int(value)
-
-    def required_integer(self, name: str, missing: str) -> int:
-        value = self.integer(name)
-        if value is None:
-            raise BotAPIError(400, missing)
-        return value
-
-    def flag(self, name: str, default: bool = False) -> bool:
-        value = self.values.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise BotAPIError(400, "Bad Request: invalid {} specified".format(name))
-        return value
-
-    def obj(self, name: str, kind: type = dict, error: Optional[str] = None) -> Any:
-        value = self.values.get(name)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, kind):
-            raise BotAPIError(400, error or "Bad Request: can't parse {} JSON object".format(name))
-        return value
-
-    def markup(self) -> Optional[Dict[str, Any]]:
-        """The reply_markup, validated; only an inline keyboard becomes part of a message."""
-        markup = self.obj("reply_markup", dict, "Bad Request: can't parse reply keyboard markup JSON object")
-        if markup is None:
-            return None
-        if not any(k in markup for k in ("inline_keyboard", "keyboard", "remove_keyboard", "force_reply")):
-            raise BotAPIError(400, "Bad Request: can't parse reply keyboard markup JSON object")
-        if "inline_keyboard" in markup:
-            rows = markup["inline_keyboard"]
-            if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-                raise BotAPIError(400, "Bad Request: field \"inline_keyboard\" of the InlineKeyboardMarkup "
-                                       "should be an Array of Arrays")
-            for row in rows:
-                for button in row:
-                    if not isinstance(button, dict) or "text" not in button:
-                        raise BotAPIError(400, "Bad Request: can't find field \"text\"")
-                    data = button.get("callback_data")
-                    if data is not None and not 1 <= len(str(data).encode("utf-8")) <= 64:
-                        raise BotAPIError(400, "Bad Request: BUTTON_DATA_INVALID")
-        return markup
-
-
-def _is_inline(markup: Optional[Mapping[str, Any]]) -> bool:
-    return bool(markup) and "inline_keyboard" in markup  # type: ignore[operator]
-
-
-def _callback_datas(message: Mapping[str, Any]) -> List[str]:
-    markup = message.get("reply_markup") or {}
-    return [str(b.get("callback_data")) for row in markup.get("inline_keyboard", []) for b in row
-            if isinstance(b, dict) and b.get("callback_data") is not None]
-
-
-def _update_kind(update: Mapping[str, Any]) -> str:
-    for key in update:
-        if key != "update_id":
-            return key
-    return "?"
-
-
-def _describe(update: Mapping[str, Any]) -> str:
-    kind = _update_kind(update)
-    payload = update.get(kind)
-    text = ""
-    if isinstance(payload, dict):
-        text = payload.get("text") or payload.get("data") or payload.get("query") or ""
-    return "#{} {}{}".format(update.get("update_id"), kind, " {!r}".format(text) if text else "")
-
-
-class _Failure:
-    def __init__(self, method: str, error: BotAPIError, times: int, chat_id: Optional[Union[int, str]]) -> None:
-        self.method = method
-        self.error = error
-        self.times = times
-        self.chat_id = chat_id
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, api: "FakeBotAPI", address: Tuple[str, int]) -> None:
-        self.api = api
-        self._conn_lock = threading.Lock()
-        self._conns: Set[socket.socket] = set()
-        super().__init__(address, _Handler)
-
-    def track(self, conn: socket.socket, alive: bool) -> None:
-        with self._conn_lock:
-            if alive:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
-
-    def close_connections(self) -> None:
-        with self._conn_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("FakeBotAPI: error while serving %s", client_address, exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "FakeBotAPI/1.0"
-    # Headers and body go out in two writes; with Nagle on, loopback delays the body ~40 ms.
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.track(self.connection, False)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
-        logger.debug("FakeBotAPI %s: %s", self.address_string(), format % args)
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve()
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks: List[bytes] = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > _MAX_BODY:
-                    self.close_connection = True
-                    raise BotAPIError(413, "Request Entity Too Large")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY:
-            self.close_connection = True
-            raise BotAPIError(413, "Request Entity Too Large")
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _serve(self) -> None:
-        api = self.server.api
-        api._request_started()
-        try:
-            try:
-                status, body = self._process(api)
-            except BotAPIError as error:
-                status, body = error.error_code, error.to_json()
-            except Exception as error:  # never let a bug hang the client
-                logger.exception("FakeBotAPI: internal error on %s", self.path)
-                status, body = 500, {"ok": False, "error_code": 500,
-                                     "description": "Internal Server Error: {}".format(error)}
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-                self.wfile.flush()
-            except OSError:
-                self.close_connection = True
-        finally:
-            api._request_finished()
-
-    def _process(self, api: "FakeBotAPI") -> Tuple[int, Dict[str, Any]]:
-        parts = urllib.parse.urlsplit(self.path)
-        body = self._read_body()
-        match = _PATH_RE.match(parts.path)
-        if not match:
-            return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
-        token = urllib.parse.unquote(match.group(1))
-        method = urllib.parse.unquote(match.group(2))
-        raw: Dict[str, Any] = {k: v[-1] for k, v in
-                               urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
-        files: Dict[str, UploadedFile] = {}
-        header = self.headers.get("Content-Type", "")
-        ctype = header.split(";", 1)[0].strip().lower()
-        try:
-            if body:
-                if ctype == "application/json":
-                    obj = json.loads(body.decode("utf-8"))
-                    if not isinstance(obj, dict):
-                        raise ValueError("the JSON body must be an object")
-                    raw.update(obj)
-                elif ctype == "multipart/form-data":
-                    fields, files = _parse_multipart(body, header)
-                    raw.update(fields)
-                elif ctype in ("application/x-www-form-urlencoded", ""):
-                    raw.update({k: v[-1] for k, v in urllib.parse.parse_qs(
-                        body.decode("utf-8"), keep_blank_values=True).items()})
-                else:
-                    raise ValueError("unsupported Content-Type {!r}".format(ctype))
-        except (ValueError, UnicodeDecodeError) as error:
-            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: {}".format(error)}
-        return api._handle(token, method, raw, files)
 
 
 class FakeBotAPI:
@@ -1034,6 +81,8 @@ class FakeBotAPI:
         self._poll_generation = 0
         self._webhook: Optional[Dict[str, Any]] = None
         self._active_requests = 0
+        self._unhandled: Set[int] = set()  # pushed update ids no tracked bot has dispatched yet
+        self._trackers: List[IdleTracker] = []
         self._started = False
         self._stopping = False
         self._server: Optional[_Server] = None
@@ -1154,6 +203,8 @@ class FakeBotAPI:
             while index and self._queue[index - 1]["update_id"] > uid:
                 index -= 1
             self._queue.insert(index, data)
+            if uid >= self._confirmed_below:
+                self._unhandled.add(uid)
             self._observe(data)
             self._cond.notify_all()
             return copy.deepcopy(data)
@@ -1297,6 +348,35 @@ class FakeBotAPI:
                             len(self._queue), timeout, ", ".join(_describe(u) for u in self._queue[:10]), polls))
                 self._cond.wait(remaining)
 
+    def wait_until_idle(self, timeout: float = 10.0) -> None:
+        """Block until every pushed update was fetched and completely handled by the bot of :meth:`run_bot`.
+
+        "Completely" means the handler (class middlewares and next-step handlers included)
+        returned or raised, so a test can send the next message at once: a step the handler
+        registered with ``register_next_step_handler`` is in place by then.  Updates the bot
+        excluded with ``allowed_updates`` do not count.  Raises ``RuntimeError`` when no bot
+        runs under ``run_bot``, ``TimeoutError`` (with what is still pending) after ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if not self._trackers:
+                    raise RuntimeError("wait_until_idle() needs a bot started with FakeBotAPI.run_bot(bot)")
+                busy = [t for t in self._trackers if not t.idle]
+                if not self._unhandled and not busy:
+                    return
+                remaining = deadline - time.monotonic()
+                dead = [t for t in self._trackers if not t.thread.is_alive()]  # type: ignore[attr-defined]
+                if remaining <= 0 or self._stopping or dead:
+                    pending = sorted(self._unhandled)
+                    raise TimeoutError(self._timeout_report(
+                        "the bot was not idle within {}s: {} update(s) not dispatched yet{}, {} handler task(s) "
+                        "still running{}".format(
+                            timeout, len(pending), " (ids {})".format(", ".join(map(str, pending[:10])))
+                            if pending else "", sum(t.tasks for t in self._trackers),
+                            "; the bot's polling thread has stopped" if dead else "")))
+                self._cond.wait(min(remaining, 0.5))  # also notice the polling thread dying
+
     def clear(self) -> None:
         """Forget the recorded calls and sent messages (chats, messages and pending updates stay)."""
         with self._lock:
@@ -1337,15 +417,19 @@ class FakeBotAPI:
         """Run ``bot.infinity_polling`` in a daemon thread for the ``with`` block, then stop and join it.
 
         It returns once the bot's polling loop made its first getUpdates: telebot's
-        ``stop_polling()`` is lost if it comes before polling started.
+        ``stop_polling()`` is lost if it comes before polling started.  While it runs, the
+        bot's dispatch is tracked (``telesession.testing.idle``) for :meth:`wait_until_idle`.
         """
         with self._lock:
             polls_before = sum(1 for c in self._calls if c.method == "getUpdates" and self._is_real_poll(c))
+            tracker = IdleTracker(bot, self._cond, self._unhandled.difference_update)
+            self._trackers.append(tracker)
         polling_kwargs.setdefault("timeout", long_polling_timeout + 10)
         thread = threading.Thread(target=bot.infinity_polling, name="FakeBotAPI-bot-polling", daemon=True,
                                   kwargs=dict(polling_kwargs, long_polling_timeout=long_polling_timeout))
-        thread.start()
+        tracker.thread = thread  # type: ignore[attr-defined]
         try:
+            thread.start()
             deadline = time.monotonic() + start_timeout
             with self._lock:
                 while sum(1 for c in self._calls if c.method == "getUpdates" and self._is_real_poll(c)) \
@@ -1358,9 +442,13 @@ class FakeBotAPI:
             yield thread
         finally:
             bot.stop_polling()
-            thread.join(join_timeout)
+            if thread.ident is not None:
+                thread.join(join_timeout)
             if thread.is_alive():
                 logger.warning("FakeBotAPI: the bot's polling thread did not stop within %ss", join_timeout)
+            with self._lock:
+                self._trackers.remove(tracker)
+                tracker.close()
 
     @staticmethod
     def _is_real_poll(call: Call) -> bool:
@@ -1672,6 +760,8 @@ class FakeBotAPI:
         if self._allowed_updates:
             kept = [u for u in self._queue if _update_kind(u) in self._allowed_updates]
             if len(kept) != len(self._queue):
+                self._unhandled.difference_update(u["update_id"] for u in self._queue
+                                                  if _update_kind(u) not in self._allowed_updates)
                 self._queue = kept
                 self._cond.notify_all()
         return self._queue[:limit]
@@ -2064,3 +1154,4 @@ def _without_reply(message: Mapping[str, Any]) -> Dict[str, Any]:
     copied = copy.deepcopy(dict(message))
     copied.pop("reply_to_message", None)
     return copied
+
