@@ -279,7 +279,9 @@ class SQLiteStore(Store):
         written = time.time()
         expires = None if ttl is None else written + ttl
         conn = self._conn(key)
-        lock_file = self._lock_file if self._lock_file_pid == current_pid() else self._process_lock_file(key)
+        lock_file = self._lock_file
+        if lock_file is None or self._lock_file_pid != current_pid():
+            lock_file = self._process_lock_file(key)
         try:
             with self._write_mutex:
                 lock_file.lock_writer()  # processes queue in the kernel, not in SQLite's sleeping busy handler
