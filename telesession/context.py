@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
 
 from .errors import NoActiveSession
 
-__all__ = ["SessionProxy", "HandleProxy", "session", "active_frames", "push", "remove", "bind_only", "unbind_only"]
+__all__ = ["SessionProxy", "HandleProxy", "session", "active_frames", "push", "remove", "unbind_only"]
 
 _stack: ContextVar[Tuple[Any, ...]] = ContextVar("telesession_stack", default=())
 
@@ -41,15 +41,8 @@ def remove(frame: Any) -> None:
         _stack.set(tuple(f for f in stack if f is not frame))
 
 
-def bind_only(frame: Any) -> Tuple[Any, ...]:
-    """``push`` when no frame is bound: returns the stack to pass to ``unbind_only``."""
-    stack = (frame,)
-    _stack.set(stack)
-    return stack
-
-
 def unbind_only(frame: Any, stack: Tuple[Any, ...]) -> None:
-    """``remove`` of the frame that ``bind_only`` bound (cheap when the handler left the stack as it was)."""
+    """``remove`` of the only frame, bound as ``stack`` (cheap when the handler left the stack as it was)."""
     if _stack.get() is stack:
         _stack.set(())
     else:
