@@ -13,9 +13,12 @@ from typing import Any, Callable, Iterator, MutableMapping, Optional, Tuple
 
 from .errors import NoActiveSession
 
-__all__ = ["SessionProxy", "session", "active_frames", "push", "remove"]
+__all__ = ["SessionProxy", "HandleProxy", "session", "active_frames", "push", "remove", "unbind_only"]
 
 _stack: ContextVar[Tuple[Any, ...]] = ContextVar("telesession_stack", default=())
+
+#: ``_Handle.state`` of a session that is loaded: its ``data`` can be used as it is.
+LOADED = 1
 
 UNBOUND = ("no session is active: decorate the handler with @with_session (or "
            "@sessions.with_session), call sessions.setup(bot), or use `with sessions.open(key):`")
@@ -38,11 +41,20 @@ def remove(frame: Any) -> None:
         _stack.set(tuple(f for f in stack if f is not frame))
 
 
+def unbind_only(frame: Any, stack: Tuple[Any, ...]) -> None:
+    """``remove`` of the only frame, bound as ``stack`` (cheap when the handler left the stack as it was)."""
+    if _stack.get() is stack:
+        _stack.set(())
+    else:
+        remove(frame)
+
+
 def _innermost() -> Any:
     stack = _stack.get()
     if not stack:
         raise NoActiveSession(UNBOUND)
-    return stack[-1].handle.value()
+    handle = stack[-1].handle
+    return handle.data if handle.state == LOADED else handle.value()
 
 
 class _Forwarded:
@@ -185,5 +197,54 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class HandleProxy(SessionProxy):
+    """The proxy of one opened session (``with sessions.open(key) as s``, the middleware's
+    ``data["session"]``): made on every update, so one slot instead of two bound methods."""
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: Any) -> None:  # pylint: disable=super-init-not-called
+        object.__setattr__(self, "_handle", handle)
+
+    def _resolve(self) -> Any:  # type: ignore[override]
+        handle = self._handle
+        return handle.data if handle.state == LOADED else handle.value()
+
+    def _delete_session(self) -> None:
+        """Drop this session: it is deleted from the store after the handler returns."""
+        self._handle.delete()
+
+    def __getitem__(self, item: Any) -> Any:
+        handle = self._handle
+        return (handle.data if handle.state == LOADED else handle.value())[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        handle = self._handle
+        (handle.data if handle.state == LOADED else handle.value())[item] = value
+
+
+class _InnermostProxy(SessionProxy):
+    """``session``: item access inlined (it runs on every ``session["x"]`` of every handler)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, item: Any) -> Any:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                return handle.data[item]
+        return _innermost()[item]
+
+    def __setitem__(self, item: Any, value: Any) -> None:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                handle.data[item] = value
+                return
+        _innermost()[item] = value
+
+
 #: The innermost active session of this thread.
-session: Any = SessionProxy(_innermost)
+session: Any = _InnermostProxy(_innermost)

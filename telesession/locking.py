@@ -10,6 +10,7 @@ Where ``fcntl`` is missing (Windows), or when ``TELESESSION_LOCKS=filelock`` for
 it, ``range_lock_file_for`` returns a ``telesession.locking_portable.PortableLockFile``
 instead (one ``filelock`` per key): processes are never left unlocked.
 """
+import functools
 import hashlib
 import logging
 import os
@@ -39,16 +40,11 @@ logger = logging.getLogger("telesession")
 _get_ident = threading.get_ident
 
 
-class _Entry:
-    """A held key: created already locked by its owner, unregistered before it is unlocked."""
-
-    __slots__ = ("lock", "owner", "depth")
-
-    def __init__(self, owner: int) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.owner: Optional[int] = owner
-        self.depth = 1
+# A held key's entry: [lock, owner, depth].  The lock is created already taken by its owner
+# and the entry is unregistered before it is unlocked.  A list, not a class: it is made and
+# dropped on every update, and a list costs a fraction of an object with an ``__init__``.
+_LOCK, _OWNER, _DEPTH = 0, 1, 2
+_allocate_lock = threading.Lock
 
 
 class KeyLocks:
@@ -63,7 +59,7 @@ class KeyLocks:
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[str, _Entry] = {}
+        self._entries: Dict[str, list] = {}  # type: ignore[type-arg]
 
     def acquire(self, key: str, timeout: float) -> int:
         """Take ``key`` for this thread: ``ACQUIRED``, ``REENTERED`` (this thread held it already),
@@ -71,40 +67,47 @@ class KeyLocks:
         me = _get_ident()
         entries = self._entries
         entry = entries.get(key)
-        if entry is not None and entry.owner == me:
-            entry.depth += 1
+        if entry is None:
+            lock = _allocate_lock()
+            lock.acquire()
+            mine = [lock, me, 1]
+            entry = entries.setdefault(key, mine)
+            if entry is mine:
+                return ACQUIRED
+        elif entry[_OWNER] == me:
+            entry[_DEPTH] += 1
             return REENTERED
-        deadline = None
+        deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             if entry is None:
-                mine = _Entry(me)
+                lock = _allocate_lock()
+                lock.acquire()
+                mine = [lock, me, 1]
                 entry = entries.setdefault(key, mine)
                 if entry is mine:
                     return ACQUIRED
-            if deadline is None:
-                deadline = time.monotonic() + max(timeout, 0.0)
             remaining = max(deadline - time.monotonic(), 0.0)
-            if not entry.lock.acquire(timeout=remaining):
+            if not entry[_LOCK].acquire(timeout=remaining):
                 return 0
-            entry.lock.release()  # let the other waiters of this (now unregistered) entry go too
+            entry[_LOCK].release()  # let the other waiters of this (now unregistered) entry go too
             entry = entries.get(key)
 
     def release(self, key: str) -> None:
         """Give ``key`` back; its entry disappears, so the registry holds only held keys."""
         entry = self._entries.get(key)
-        if entry is None or entry.owner != _get_ident():
+        if entry is None or entry[_OWNER] != _get_ident():
             raise RuntimeError(f"key {key!r} is not held by this thread")
-        entry.depth -= 1
-        if entry.depth:
+        entry[_DEPTH] -= 1
+        if entry[_DEPTH]:
             return
-        entry.owner = None
+        entry[_OWNER] = None
         del self._entries[key]
-        entry.lock.release()
+        entry[_LOCK].release()
 
     def holds(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""
         entry = self._entries.get(key)
-        return entry is not None and entry.owner == _get_ident()
+        return entry is not None and entry[_OWNER] == _get_ident()
 
     def __len__(self) -> int:
         """Keys held right now (0 when idle: the registry does not grow)."""
@@ -112,9 +115,14 @@ class KeyLocks:
 
     def held(self) -> List[str]:
         """The keys held right now, by any thread."""
-        return [k for k, e in list(self._entries.items()) if e.owner is not None]
+        return [k for k, e in list(self._entries.items()) if e[_OWNER] is not None]
 
 
+#: The byte of the writer lock (``RangeLockFile.lock_writer``): past every key's byte (at most 2**62).
+WRITER_OFFSET = (1 << 62) + 1
+
+
+@functools.lru_cache(maxsize=4096)  # recent chats: a hash per update is ~5 % of a SQLite update
 def key_offset(key: str) -> int:
     """Byte offset of ``key``'s record lock: a 62-bit hash, so distinct keys practically never share one."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
@@ -146,7 +154,7 @@ class RangeLockFile:
     def lock_at(self, offset: int, timeout: float) -> bool:
         """Take the lock byte at ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds."""
         deadline = None
-        delay = 0.0002
+        delay = 0.00005  # a key is usually held for one update (tens of µs): look again soon, then back off
         while True:
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
@@ -163,6 +171,23 @@ class RangeLockFile:
 
     def unlock_at(self, offset: int) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+
+    def lock_writer(self) -> None:
+        """Wait in the kernel for the store's one writer byte (``WRITER_OFFSET``), without a timeout.
+
+        For the few microseconds of one write statement: processes then queue here and are
+        woken the moment the writer before them is done, instead of colliding inside SQLite,
+        whose busy handler sleeps 1, 2, 5, 10... ms between retries.  A holder that dies
+        loses it with its other locks.
+        """
+        if fcntl is None:  # pragma: no cover
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, WRITER_OFFSET)
+
+    def unlock_writer(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
 
 
 _registry_mutex = threading.Lock()

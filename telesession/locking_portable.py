@@ -63,6 +63,12 @@ class PortableLockFile:
             self._held[offset] = lock
         return True
 
+    def lock_writer(self) -> None:
+        """No writer lock on this backend: writes of several processes meet in SQLite's busy handler."""
+
+    def unlock_writer(self) -> None:
+        """See ``lock_writer``."""
+
     def unlock_at(self, offset: int) -> None:
         with self._mutex:
             lock = self._held.pop(offset, None)

@@ -18,10 +18,13 @@ import weakref
 from typing import (Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union, cast,
                     overload)
 
-from . import context, keys
+from msgspec import DecodeError
+
+from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import build_record, check_round_trip, encode_data, read_record
+from .records import (RECORD_US, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
+                      encode_json, read_record)
 from .stores.base import Store
 from .typed import adopt, check_typed, encode_typed, from_plain, reset_in_place
 
@@ -33,7 +36,7 @@ T = TypeVar("T")
 D = TypeVar("D")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_UNLOADED, _LOADED, _CLOSED = 0, 1, 2
+_UNLOADED, _LOADED, _CLOSED = 0, context.LOADED, 2
 
 
 def _checked(key: str) -> str:
@@ -60,10 +63,10 @@ class _Handle:
         self.token: Any = None
         self.raw: Optional[bytes] = None
         self.data: Any = None
-        self.baseline: Optional[str] = None
+        self.baseline: Union[bytes, str, None] = None  # bytes for a dict session, str for a typed one
         self.deleted = False
         self.dropped: List[str] = []  # stored fields the dataclass no longer has
-        self.pid = current_pid()  # a forked child must not save or unlock its parent's session
+        self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:
         """The session object, loading it (under the lock) on first use."""
@@ -84,14 +87,19 @@ class _Handle:
 
     def load(self) -> None:
         """Lock the key and read its session (or start one from ``initial()``)."""
-        m, key, store = self.manager, cast(str, self.key), self.store
+        m, key, store = self.manager, self.key, self.store
+        assert key is not None
         self.token = store.acquire(key, m.lock_timeout)
         try:
             raw = store.load_locked(key, self.token)
             self.raw = raw
-            data = data_json = None
+            data = None
             if raw is not None:
-                data, version, written, data_json = read_record(raw, key, self.where)
+                try:  # read_record's fast path, inlined: one msgspec decode of the whole record
+                    record = _decode_record(raw)
+                    data, version, written = record.data, record.version, record.written
+                except (DecodeError, RecursionError):
+                    data, version, written, _ = read_record(raw, key, self.where)
                 if m.ttl is not None and written is not None and time.time() - written > m.ttl:
                     logger.debug("session %r expired (written %.0f s ago)", key, time.time() - written)
                     raw = None
@@ -101,8 +109,10 @@ class _Handle:
             elif m.dataclass is None:
                 if version == m.version:
                     self.data = data
-                    # Our own records carry the data's JSON verbatim: no need to encode it again.
-                    self.baseline = data_json or encode_data(data, key, self.where)
+                    try:  # the baseline for change detection: the data as it was read, encoded again
+                        self.baseline = _encode(data)
+                    except UnicodeEncodeError:  # a lone surrogate: as the json module wrote it
+                        self.baseline = encode_json(data, key, self.where)
                 else:  # a migrated record is written back even if the handler changes nothing
                     self.data = m._migrate(data, version, key, self.where)
                     self.baseline = None
@@ -136,10 +146,10 @@ class _Handle:
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
-        if self.state != _LOADED or self.pid != current_pid():
+        if self.state != _LOADED or self.pid != locking._pid:
             self.state = _CLOSED
             return
-        key = cast(str, self.key)
+        key: str = self.key  # type: ignore[assignment]  # (a loaded handle has a key; no cast() call here)
         try:
             record = self._commit() if success or self.manager.save_on_error else None
         except BaseException:
@@ -161,19 +171,36 @@ class _Handle:
 
     def _commit(self) -> Optional[bytes]:
         """The record to save, or ``None`` when nothing changed (a dropped session is deleted here)."""
-        m, key = self.manager, cast(str, self.key)
+        m = self.manager
+        key: str = self.key  # type: ignore[assignment]
+        if m.dataclass is None:
+            # encode_json and build_record, inlined for the usual case: encoded, checked to read
+            # back equal (changed or not), and compared with what was loaded.
+            plain = self.data
+            try:
+                text: Union[bytes, str] = _encode(plain)
+                if _decode(text) != plain:
+                    raise ValueError
+            except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
+                text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
+            if text == self.baseline:
+                if self.deleted and self.raw is not None:
+                    self.store.delete(key, previous=self.raw)
+                return None
+            try:
+                seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
+                return RECORD_US % (m.version, seconds, us, _encode(key), text)
+            except UnicodeEncodeError:
+                return build_record(key, text, m.version, time.time())
         text = m._encode(self.data, key, self.where)
         if text == self.baseline:
             if self.deleted and self.raw is not None:
                 self.store.delete(key, previous=self.raw)
             return None
-        if m.dataclass is None:
-            check_round_trip(self.data, text, key, self.where)
-        else:
-            check_typed(self.data, text, m.dataclass, key, self.where)
-            if self.dropped:
-                logger.info("session %r: dropped the stored fields %s, which %s no longer has",
-                            key, ", ".join(self.dropped), m.dataclass.__name__)
+        check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
+        if self.dropped:
+            logger.info("session %r: dropped the stored fields %s, which %s no longer has",
+                        key, ", ".join(self.dropped), m.dataclass.__name__)
         return build_record(key, text, m.version, time.time())
 
 
@@ -220,9 +247,10 @@ class _Scope(Generic[T]):
         """Lock, load and bind; the handle of the (possibly re-entered) session."""
         m, key = self.manager, self.key
         handle = None
-        if key is not None:
+        frames = context._stack.get()
+        if key is not None and frames:  # (nothing to re-enter when no session is bound)
             location = m.store.location
-            for frame in reversed(context.active_frames()):
+            for frame in reversed(frames):
                 other = frame.handle
                 if other.key == key and other.state != _CLOSED and (
                         other.store is m.store or other.store.location == location):
@@ -233,24 +261,55 @@ class _Scope(Generic[T]):
             handle = _Handle(m, key)
             if key is not None and not m.lazy:
                 handle.load()
-        self.frame = _Frame(m, handle, self.origin, self.owner)
-        context.push(self.frame)
+        self.frame = frame = _Frame(m, handle, self.origin, self.owner)
+        if frames:
+            context.push(frame)
+        else:
+            context._stack.set((frame,))
         return handle
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         cast(_Frame, self.frame).close(exc_type is None)
 
 
-def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, args: Any, kwargs: Any) -> Any:
-    """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses."""
-    scope = _Scope(manager, manager.key_of(update))
-    scope.enter()
+def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args: Any, **kwargs: Any) -> Any:
+    """The decorators' body: ``with scope: return func(...)`` without building a proxy nobody uses.
+
+    With no session active in this thread (nothing to re-enter), an eagerly loaded session
+    skips the ``_Scope`` object and the search for an outer holder: the same steps, fewer calls.
+    """
+    key = manager.key_of(update)
+    if key is None or manager.lazy or context._stack.get():
+        scope: _Scope[Any] = _Scope(manager, key)
+        scope.enter()
+        try:
+            result = func(update, *args, **kwargs)
+        except BaseException as exc:
+            scope.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        scope.__exit__(None, None, None)
+        return result
+    handle = _Handle(manager, manager._stored_key(key))
+    handle.load()
+    frame = _Frame(manager, handle, None, True)
+    stack = (frame,)
+    bound = context._stack
+    bound.set(stack)
     try:
-        result = func(update, *args, **kwargs)
-    except BaseException as exc:
-        scope.__exit__(type(exc), exc, exc.__traceback__)
+        result = func(update, *args, **kwargs) if args or kwargs else func(update)
+    except BaseException:
+        try:
+            handle.close(False)
+        finally:
+            context.unbind_only(frame, stack)
         raise
-    scope.__exit__(None, None, None)
+    try:
+        handle.close(True)
+    finally:
+        if bound.get() is stack:  # the handler left the stack as it found it (the usual case)
+            bound.set(())
+        else:
+            context.remove(frame)
     return result
 
 
@@ -348,10 +407,9 @@ class Sessions(Generic[T]):
     def with_session(self, func: F) -> F:
         """Decorate a handler: its first argument's session is loaded, bound and saved around it."""
 
-        @functools.wraps(func)
-        def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-            return _run(self, func, update, args, kwargs)
-
+        # A partial, not a nested function: calling it costs no Python frame of its own.
+        # update_wrapper sets __wrapped__, so inspect.signature (telebot uses it) sees func's.
+        wrapper = functools.update_wrapper(functools.partial(_run, self, func), func)
         return cast(F, wrapper)
 
     def open(self, key: str) -> "_Scope[T]":
@@ -473,9 +531,10 @@ class Sessions(Generic[T]):
         value = self.initial()
         return value if self.dataclass is None else adopt(value, self.dataclass)
 
-    def _encode(self, value: Any, key: str, where: Any) -> str:
+    def _encode(self, value: Any, key: str, where: Any) -> Union[bytes, str]:
+        """The baseline/text of change detection: bytes for a dict session, str for a typed one."""
         if self.dataclass is None:
-            return encode_data(value, key, where)
+            return encode_json(value, key, where)
         return encode_typed(value, key, where)
 
     def _snapshot(self, stored: str, raw: bytes) -> Any:
@@ -509,7 +568,7 @@ class Sessions(Generic[T]):
         a dict session (or a lazy one) as a proxy."""
         if self.dataclass is not None and not self.lazy and handle.key is not None:
             return handle.value()
-        return context.SessionProxy(handle.value, handle.delete)
+        return context.HandleProxy(handle)
 
     def _migrate(self, data: Any, version: int, key: str, where: Callable[[], str]) -> Any:
         if version > self.version:
@@ -612,6 +671,6 @@ def with_session(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:
-        return _run(default_sessions(), func, update, args, kwargs)
+        return _run(default_sessions(), func, update, *args, **kwargs)
 
     return cast(F, wrapper)

@@ -29,6 +29,18 @@ def _hold_in_child(path, key, ready, done):
         store.close()
 
 
+def _hold_writer_in_child(path, ready, go, released_at):
+    from telesession.locking import RangeLockFile
+
+    lock_file = RangeLockFile(path + ".lock")
+    lock_file.lock_writer()
+    ready.set()
+    go.wait(30)
+    time.sleep(0.2)  # the parent's save is waiting by now (or soon): it must not finish before we unlock
+    released_at.value = time.time()
+    lock_file.unlock_writer()
+
+
 @pytest.fixture
 def path(tmp_path):
     return str(tmp_path / "sessions.sqlite")
@@ -162,6 +174,34 @@ def test_a_process_holding_a_key_excludes_others_but_not_other_keys(path):
     finally:
         done.set()
         child.join(30)
+
+
+def test_writes_of_processes_queue_on_the_writer_byte(path):
+    """Processes take turns for a write on one byte of the lock file (a kernel wait, woken at once),
+    instead of colliding in SQLite, whose busy handler sleeps milliseconds between retries."""
+    from telesession.locking import WRITER_OFFSET, key_offset
+
+    assert all(key_offset(k) < WRITER_OFFSET for k in HOSTILE_KEYS)  # no key shares the writer's byte
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, released_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    with SQLiteStore(path) as store:
+        child = ctx.Process(target=_hold_writer_in_child, args=(path, ready, go, released_at))
+        child.start()
+        try:
+            assert ready.wait(60)
+            token = store.acquire("k", 5)  # key locks are not the writer's: taking one does not wait
+            assert store.load("k") is None  # nor does reading
+            go.set()
+            store.save("k", b"record")  # waits for the writer byte, then writes
+            saved_at = time.time()
+            store.release("k", token)
+            child.join(30)
+            assert child.exitcode == 0
+            assert released_at.value and saved_at >= released_at.value
+            assert store.load("k") == b"record"
+        finally:
+            go.set()
+            child.join(30)
 
 
 def test_two_store_objects_on_one_file_share_the_lock(path):

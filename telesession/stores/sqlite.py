@@ -18,8 +18,9 @@ import time
 import weakref
 from typing import Any, Iterator, List, Optional, Tuple, Union
 
+from .. import locking
 from ..errors import ConflictError, CorruptSessionError, StoreError
-from ..locking import current_pid
+from ..locking import _OWNER, _allocate_lock, _get_ident, current_pid, key_offset
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -107,8 +108,9 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
-        # One writer at a time in this process: threads queue here instead of in SQLite's
-        # busy handler, which sleeps in steps of milliseconds (other processes still do).
+        # One writer at a time: the threads of this process queue on this mutex, processes on
+        # the writer byte of the lock file (RangeLockFile.lock_writer), instead of colliding in
+        # SQLite, whose busy handler sleeps 1, 2, 5, 10... ms between retries.
         self._write_mutex = threading.Lock()
         self._closed = False
         self.lock_path = self.path + ".lock"
@@ -223,12 +225,53 @@ class SQLiteStore(Store):
         return f"row {key!r} of {self.path}"
 
     def load(self, key: str) -> Optional[bytes]:
-        conn = self._conn(key)
+        holder = getattr(self._local, "conn", None)
+        conn = holder.conn if holder is not None and holder.pid == locking._pid else self._conn(key)
         try:
             row = conn.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "reading") from exc
         return None if row is None else bytes(row[0])
+
+    # The lock calls of an update, without the generic steps of the base class (same locks,
+    # same order: this thread's key lock, then this key's byte of the lock file).
+
+    def acquire(self, key: str, timeout: float) -> Any:
+        locks = self._locks
+        lock_file = self._lock_file
+        if (locks is None or self._locks_pid != locking._pid or lock_file is None
+                or self._lock_file_pid != locking._pid or key in locks._entries):
+            return super().acquire(key, timeout)  # first use, a forked child, or a key held here
+        lock = _allocate_lock()
+        lock.acquire()
+        mine = [lock, _get_ident(), 1]
+        entries = locks._entries
+        if entries.setdefault(key, mine) is not mine:
+            return super().acquire(key, timeout)  # another thread took it just now: wait as usual
+        offset = key_offset(key)
+        try:
+            if lock_file.lock_at(offset, timeout):
+                return lock_file, offset
+        except BaseException:
+            locks.release(key)
+            raise
+        locks.release(key)
+        raise self._timeout(key, timeout)
+
+    def release(self, key: str, token: Any) -> None:
+        locks = self._locks
+        if type(token) is tuple and locks is not None and self._locks_pid == locking._pid:
+            entries = locks._entries
+            entry = entries.get(key)
+            if entry is not None and entry[_OWNER] == _get_ident() and entry[2] == 1:
+                try:
+                    token[0].unlock_at(token[1])
+                finally:
+                    entry[_OWNER] = None
+                    del entries[key]
+                    entry[0].release()
+                return
+        super().release(key, token)
 
     def save(self, key: str, record: bytes, *, previous: Optional[bytes] = None,
              ttl: Optional[float] = None) -> None:
@@ -236,9 +279,16 @@ class SQLiteStore(Store):
         written = time.time()
         expires = None if ttl is None else written + ttl
         conn = self._conn(key)
+        lock_file = self._lock_file
+        if lock_file is None or self._lock_file_pid != current_pid():
+            lock_file = self._process_lock_file(key)
         try:
             with self._write_mutex:
-                cur = self._write(conn, key, record, written, expires, previous)
+                lock_file.lock_writer()  # processes queue in the kernel, not in SQLite's sleeping busy handler
+                try:
+                    cur = self._write(conn, key, record, written, expires, previous)
+                finally:
+                    lock_file.unlock_writer()
             changed = cur.rowcount
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "writing") from exc
