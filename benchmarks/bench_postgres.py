@@ -116,7 +116,7 @@ def _processes(url: str, procs: int, per: int) -> float:
         c.join(60)
     assert [c.exitcode for c in children] == [0] * procs
     store = from_url(url)
-    total = sum(parse_record(raw, key, "bench")[0]["count"] for key, raw in store.records(prefix))
+    total = sum(parse_record(raw, key, "bench")[0]["count"] for key, raw in store.records(f"session:{prefix}"))
     store.close()
     assert total == procs * per, (total, procs * per)
     return procs * per / (max(e for _, e in spans) - min(s for s, _ in spans))

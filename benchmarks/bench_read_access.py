@@ -168,7 +168,7 @@ def _redis_rows(n: int, rounds: int, workdir: str) -> List[Dict[str, Any]]:
         def floor() -> int:
             seen = 0
             batch: List[bytes] = []
-            for name in client.scan_iter(match=b"bench:s:session:*", count=1000):
+            for name in client.scan_iter(match=b"bench:s:{session:*", count=1000):
                 batch.append(name)
                 if len(batch) == 1000:
                     seen += sum(1 for r in client.mget(batch) if r is not None)
