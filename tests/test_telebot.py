@@ -282,7 +282,7 @@ def test_ordered_processing_keeps_each_chats_order(tmp_path):
         for chat in range(chats):
             with sessions.open(str(chat + 1)) as s:
                 assert s["seen"] == list(range(per_chat)), chat
-        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+        assert bot._telesession.scheduler.busy_keys() == 0
     finally:
         stop(bot)
 
@@ -316,7 +316,7 @@ def test_ordered_an_update_taken_by_a_next_step_handler_never_stalls_its_chat(tm
         with sessions.open("3") as s:
             assert s["seen"] == ["/ask", "after"]
         assert "out of order" not in caplog.text
-        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+        assert bot._telesession.scheduler.busy_keys() == 0
     finally:
         stop(bot)
 
@@ -345,7 +345,7 @@ def test_ordered_a_step_handler_that_raises_in_an_unthreaded_bot_never_stalls_it
     started = time.monotonic()
     bot.process_new_updates([message_update("after", chat_id=3)])
     assert time.monotonic() - started < 1.5, "the next update waited for the failed update's ticket"
-    assert bot._telesession_middlewares[0].sequencer.pending() == 0
+    assert bot._telesession.scheduler.busy_keys() == 0
     with sessions.open("3") as s:
         assert s["seen"] == ["/ask", "after"]
 
@@ -369,8 +369,9 @@ def test_redis_outage_mid_run_gives_store_errors_and_the_bot_recovers(redis_serv
     bot = make_bot()
     bot.exception_handler = CountingHandler()
     try:
+        failures = []
         sessions = Sessions(from_url(redis_store_url, socket_timeout=2, socket_connect_timeout=2),
-                            initial=lambda: {"count": 0})
+                            initial=lambda: {"count": 0}, on_error=lambda update, exc: failures.append(exc))
         sessions.setup(bot)
         handled = []
 
@@ -387,8 +388,9 @@ def test_redis_outage_mid_run_gives_store_errors_and_the_bot_recovers(redis_serv
         bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(20)])
         drain(bot)
         assert time.monotonic() - started < 60, "the outage made the bot hang"
-        assert len(bot.exception_handler.errors) == 40
-        assert all(isinstance(e, StoreError) and "127.0.0.1" in str(e) for e in bot.exception_handler.errors)
+        assert bot.exception_handler.errors == []  # on_error got them, telebot saw nothing
+        assert len(failures) == 40
+        assert all(isinstance(e, StoreError) and "127.0.0.1" in str(e) for e in failures)
         redis_server.start()
         bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(30)])
         drain(bot)
@@ -409,7 +411,8 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
     bot.exception_handler = CountingHandler()
     store = from_url(f"json:{tmp_path / 's'}")
     os.mkdir(store.path("13"))  # chat 13's record path is a directory: unreadable and unwritable
-    sessions = Sessions(store, initial=lambda: {"count": 0})
+    errors = []
+    sessions = Sessions(store, initial=lambda: {"count": 0}, on_error=lambda update, exc: errors.append(exc))
     sessions.setup(bot)
 
     @bot.message_handler(func=lambda m: True)
@@ -418,7 +421,7 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
 
     bot.process_new_updates([message_update("x", chat_id=c) for c in (12, 13, 14) for _ in range(10)])
     drain(bot)
-    errors = bot.exception_handler.errors
+    assert bot.exception_handler.errors == []
     assert len(errors) == 10 and all(isinstance(e, StoreError) and "'13'" in str(e) for e in errors)
     with sessions.open("12") as a, sessions.open("14") as b:
         assert a["count"] == 10 and b["count"] == 10
@@ -428,7 +431,9 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
     store = from_url(f"json:{tmp_path / 's'}")
     with open(store.path("5"), "wb") as f:
         f.write(b"not json")  # reading it would raise CorruptSessionError
-    sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2)
+    failures = []
+    sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2,
+                        on_error=lambda update, exc: failures.append(exc))
     sessions.setup(bot)
     bot.exception_handler = CountingHandler()
     ran = []
@@ -446,13 +451,14 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
     with held_in_another_thread(holder, "6"):
         bot.process_new_updates([message_update("/ping", chat_id=5), message_update("/ping", chat_id=6)])
         drain(bot)
-        assert ran == ["ping", "ping"] and bot.exception_handler.errors == []
+        assert ran == ["ping", "ping"] and failures == []
         bot.process_new_updates([message_update("/count", chat_id=6)])
         drain(bot)
-        assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout"]
+        assert [type(e).__name__ for e in failures] == ["LockTimeout"]
     bot.process_new_updates([message_update("/count", chat_id=6), message_update("/count", chat_id=5)])
     drain(bot)
     assert ran.count("count") == 1  # chat 6 counted; chat 5's corrupt record refused
-    assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout", "CorruptSessionError"]
+    assert [type(e).__name__ for e in failures] == ["LockTimeout", "CorruptSessionError"]
+    assert bot.exception_handler.errors == []  # on_error got them; telebot saw nothing
     with sessions.open("6") as s:
         assert s["count"] == 1
