@@ -462,3 +462,174 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
     assert bot.exception_handler.errors == []  # on_error got them; telebot saw nothing
     with sessions.open("6") as s:
         assert s["count"] == 1
+
+
+# ---- every update type telebot dispatches gets its session (issue 11) ------------------------
+
+import inspect  # noqa: E402
+import re  # noqa: E402
+
+from telebot import types as tb_types  # noqa: E402
+from telebot import util as tb_util  # noqa: E402
+
+from telesession import context  # noqa: E402
+from telesession.middleware import UPDATE_TYPES  # noqa: E402
+from telesession.testing import UPDATE_KINDS, update_dict, user_dict, chat_dict, message_dict  # noqa: E402
+
+
+def telebot_dispatch_types():
+    """The update types telebot hands to class middlewares, read from telebot's own dispatch code."""
+    source = inspect.getsource(telebot.TeleBot)
+    return set(re.findall(r"_notify_command_handlers\(\s*[^()]*?,\s*'(\w+)'\s*\)", source))
+
+
+#: Update JSON for kinds the factories do not build (newer Bot API types).
+EXTRA_UPDATES = {
+    "managed_bot": lambda: {"managed_bot": {"user": user_dict(41), "bot": user_dict(9041, is_bot=True)}},
+    "guest_message": lambda: {"guest_message": message_dict("hi", chat_id=42)},
+    "subscription": lambda: {"subscription": {"user": user_dict(43), "invoice_payload": "p", "state": "active"}},
+    "stopped_message_generation": lambda: {"stopped_message_generation": {"chat": chat_dict(44), "draft_id": 1}},
+}
+
+
+def update_of(field):
+    if field in UPDATE_KINDS:
+        return tb_types.Update.de_json(update_dict(field))
+    return tb_types.Update.de_json(update_dict(**EXTRA_UPDATES[field]()))
+
+
+def test_the_middleware_knows_every_update_type_telebot_dispatches():
+    dispatched = telebot_dispatch_types()
+    assert len(dispatched) >= 25 and "chosen_inline_query" in dispatched  # the regex still reads telebot
+    assert dispatched <= set(UPDATE_TYPES), sorted(dispatched - set(UPDATE_TYPES))
+    assert set(tb_util.update_types) <= set(UPDATE_TYPES)
+    missing = [f for f in tb_util.update_types if f not in UPDATE_KINDS and f not in EXTRA_UPDATES]
+    assert missing == [], f"no Update JSON for a new telebot update type: {missing}"
+
+
+class SeesSession(BaseMiddleware):
+    """Registered after ours: records the session key bound when telebot runs the update's middlewares."""
+
+    update_sensitive = False
+
+    def __init__(self):
+        super().__init__()
+        self.update_types = list(UPDATE_TYPES)
+        self.seen = []
+
+    def pre_process(self, message, data):
+        frames = context.active_frames()
+        self.seen.append((message, frames[-1].handle.key if frames else "NO SESSION", "session" in data))
+
+    def post_process(self, message, data, exception):
+        pass
+
+
+@pytest.mark.parametrize("strategy", [keys.by_chat, keys.by_user, keys.by_user_in_chat, keys.by_chat_topic],
+                         ids=lambda s: s.__name__)
+def test_every_update_type_gets_its_session(tmp_path, strategy):
+    bot = make_bot(threaded=False)
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), key=strategy)
+    sessions.setup(bot)
+    probe = SeesSession()
+    bot.setup_middleware(probe)
+    for field in tb_util.update_types:
+        probe.seen.clear()
+        update = update_of(field)
+        content = getattr(update, field)
+        bot.process_new_updates([update])
+        assert len(probe.seen) == 1, f"{field}: telebot did not run the middlewares once"
+        seen, key, in_data = probe.seen[0]
+        assert seen is content and in_data, field
+        assert key == strategy(content), field
+        if strategy is keys.by_chat and field != "poll":  # a poll carries no chat and no user
+            assert key is not None, field
+
+
+def test_next_step_steps_get_the_chats_session_in_order_on_a_polling_bot(tmp_path):
+    from telesession.testing import FakeBotAPI
+
+    with FakeBotAPI() as api:
+        bot = telebot.TeleBot(api.token, num_threads=4, use_class_middlewares=True)
+        sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []})
+        sessions.setup(bot)
+
+        @bot.message_handler(commands=["ask"])
+        def ask(message):
+            session["seen"].append(message.text)
+            bot.send_message(message.chat.id, "your name?")
+            bot.register_next_step_handler(message, answer)
+
+        def answer(message):
+            time.sleep(0.3)  # without per-key order the later messages overtake the step
+            session["seen"].append(message.text)
+            bot.send_message(message.chat.id, f"hello {message.text}")
+
+        @bot.message_handler(func=lambda m: True)
+        def other(message):
+            session["seen"].append(message.text)
+            bot.send_message(message.chat.id, "ok")
+
+        with api.run_bot(bot):
+            api.send_message(3, "/ask")
+            api.wait_for_replies(1, chat_id=3)
+            for text in ("answer", "after1", "after2"):
+                api.send_message(3, text)
+            api.wait_for_replies(4, chat_id=3)
+            api.wait_until_consumed()
+            drain(bot)
+        with sessions.open("3") as s:
+            assert s["seen"] == ["/ask", "answer", "after1", "after2"]
+        assert api.replies(3) == ["your name?", "hello answer", "ok", "ok"]
+
+
+def test_reply_callbacks_get_the_chats_session(tmp_path):
+    bot = make_bot(threaded=False)
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []})
+    sessions.setup(bot)
+    got = []
+
+    @bot.message_handler(commands=["q"])
+    def question(message):
+        session["seen"].append("q")
+        bot.register_for_reply_by_message_id(777, on_reply)
+
+    def on_reply(message):
+        session["seen"].append("reply:" + message.text)
+        got.append(message.text)
+
+    bot.process_new_updates([message_update("/q", chat_id=5)])
+    bot.process_new_updates([message_update("42", chat_id=5,
+                                            reply_to_message=message_dict("q?", chat_id=5, message_id=777))])
+    assert got == ["42"]
+    with sessions.open("5") as s:
+        assert s["seen"][:2] == ["q", "reply:42"]
+
+
+def test_setup_refuses_the_async_bot_and_with_session_refuses_coroutines():
+    from telebot.async_telebot import AsyncTeleBot
+
+    sessions = Sessions()
+    with pytest.raises(TypeError, match="async"):
+        sessions.setup(AsyncTeleBot(TOKEN))
+
+    async def handler(message):
+        pass
+
+    with pytest.raises(TypeError, match="AsyncTeleBot"):
+        sessions.with_session(handler)
+    from telesession import with_session
+
+    with pytest.raises(TypeError, match="coroutine"):
+        with_session(handler)
+
+
+def test_setup_refuses_the_same_manager_twice_and_two_managers_of_one_name(bot):
+    one, two = Sessions(), Sessions()
+    one.setup(bot)
+    with pytest.raises(ValueError, match="already set up"):
+        one.setup(bot)
+    with pytest.raises(ValueError, match="named 'session'"):
+        two.setup(bot)
+    Sessions(name="user").setup(bot)  # another name is fine
+    assert [mw.sessions.name for mw in bot._telesession.middlewares] == ["session", "user"]
