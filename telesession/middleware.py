@@ -10,8 +10,8 @@ code path as a class middleware.  ``install`` also wraps, on the bot instance:
   a task whose key is busy is parked (``telesession.scheduling``) instead of
   taking a worker, and scopes a middleware opened but never closed (a later
   middleware cancelled the update) are released when the task ends;
-- ``_notify_next_handlers``/``_notify_reply_handlers``: next-step steps and
-  reply callbacks get the chat's session and queue like any other update;
+  next-step steps and reply callbacks (which telebot runs without middlewares)
+  get the chat's session there and queue like any other update;
 - ``_handle_exception``: a session-layer failure inside a handler (a lazy load
   that timed out) goes to ``on_error``, not to telebot's ``exception_handler``.
 
@@ -20,7 +20,7 @@ called and the handler is not run (or its result is not saved); nothing of it
 reaches telebot's polling loop.
 """
 import logging
-import threading
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import context
@@ -176,15 +176,13 @@ class BotScheduling:
         self._exec_task = bot._exec_task
         self.scheduler = KeyScheduler(self._exec_task, lambda: not bot.threaded, max_pending)
         self._entries: Dict[int, _Entry] = {}
-        self._local = threading.local()
         self._process_new_updates = bot.process_new_updates
-        self._notify_next = bot._notify_next_handlers
-        self._notify_reply = bot._notify_reply_handlers
         self._handle_exception = bot._handle_exception
+        self._run_func = getattr(type(bot)._run_middlewares_and_handler, "__func__",
+                                 type(bot)._run_middlewares_and_handler)
+        self._ours: Tuple[Any, List[SessionMiddleware]] = (None, [])
         bot.process_new_updates = self.process_new_updates
         bot._exec_task = self.exec_task
-        bot._notify_next_handlers = self._steps(self._notify_next)
-        bot._notify_reply_handlers = self._steps(self._notify_reply)
         bot._handle_exception = self.handle_exception
 
     # -- keys -------------------------------------------------------------------------
@@ -192,6 +190,13 @@ class BotScheduling:
     def keys_of(self, content: Any, middlewares: Sequence[SessionMiddleware]
                 ) -> Tuple[Tuple[str, ...], Dict[str, SessionMiddleware]]:
         """The queue keys of an update for these middlewares (none for bypassed updates)."""
+        if len(middlewares) == 1 and middlewares[0].bypass is None:
+            mw = middlewares[0]
+            try:
+                key = mw.sessions.key_of(content)
+            except Exception:  # pre_process meets it again and reports it to on_error
+                return (), {}
+            return ((key,), {key: mw}) if key is not None else ((), {})
         owners: Dict[str, SessionMiddleware] = {}
         for mw in middlewares:
             try:
@@ -213,8 +218,10 @@ class BotScheduling:
         """telebot's ``process_new_updates``, after every update took its place in its keys' queues."""
         mine: List[int] = []
         try:
-            for update in sorted(updates, key=lambda u: getattr(u, "update_id", 0) or 0):
-                content, update_type = _content_of(update)
+            batch = [(u, *_content_of(u)) for u in updates]
+            if not self._needs_reservations(batch):
+                batch = []  # telebot dispatches it in arrival order anyway
+            for update, content, update_type in sorted(batch, key=lambda b: getattr(b[0], "update_id", 0) or 0):
                 if content is None:
                     continue
                 keys, owners = self.keys_of(content, self._for_type(update_type))
@@ -233,20 +240,44 @@ class BotScheduling:
                 if entry is not None and entry.job is not None:
                     self.scheduler.cancel(entry.job)  # telebot never ran it: later updates move up
 
+    def _needs_reservations(self, batch: List[Tuple[Any, Any, str]]) -> bool:
+        """Whether telebot could run this batch's tasks out of arrival order.
+
+        It groups a batch by update type, and hands messages to next-step and reply
+        handlers before the others; a batch of one type with neither registered is
+        dispatched in order, and needs no reservations.
+        """
+        types = {update_type for _, content, update_type in batch if content is not None}
+        if len(types) > 1:
+            return True
+        if types == {"message"}:
+            for backend in (getattr(self.bot, "next_step_backend", None), getattr(self.bot, "reply_backend", None)):
+                if backend is not None and getattr(backend, "handlers", True):
+                    return True
+        return False
+
     def exec_task(self, task: Any, *args: Any, **kwargs: Any) -> Any:
-        """telebot's ``_exec_task``: update tasks go through their keys' queues; others pass."""
-        if getattr(task, "__self__", None) is self.bot and \
-                getattr(task, "__name__", "") == "_run_middlewares_and_handler" and args:
+        """telebot's ``_exec_task``: update tasks go through their keys' queues; others pass.
+
+        telebot calls it for middleware tasks (``_run_middlewares_and_handler``), for
+        next-step steps and reply callbacks (``callback(message, ...)``), and for update
+        listeners (``listener(messages)``, passed through).
+        """
+        if getattr(task, "__func__", None) is self._run_func and getattr(task, "__self__", None) is self.bot:
             content = args[0]
-            middlewares = [mw for mw in (kwargs.get("middlewares") or ()) if mw in self.middlewares]
-            run: Callable[[], Any] = lambda: self._guarded(task, args, kwargs)  # noqa: E731
-        elif getattr(self._local, "steps", False) and args and hasattr(args[0], "chat"):
+            given = kwargs.get("middlewares")
+            cached = self._ours
+            if cached[0] is not given:  # telebot passes one list for a whole batch of a type
+                cached = self._ours = (given, [mw for mw in (given or ()) if mw in self.middlewares])
+            middlewares = cached[1]
+            run: Callable[[], Any] = partial(self._guarded, task, args, kwargs)
+        elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
-            run = lambda: self._step(middlewares, task, args, kwargs)  # noqa: E731
+            run = partial(self._step, middlewares, task, args, kwargs)
         else:
             return self._exec_task(task, *args, **kwargs)
-        entry = self._entries.get(id(content))
+        entry = self._entries.get(id(content)) if self._entries else None
         if entry is not None and entry.content is not content:
             entry = None
         if entry is not None:
@@ -256,8 +287,6 @@ class BotScheduling:
         else:
             keys, owners = self.keys_of(content, middlewares)
             job = None
-            if keys:
-                entry = _Entry(content, keys, None, owners)
         if not keys:
             return self._exec_task(run)
         if not self.bot.threaded and self.scheduler.held_here(keys):
@@ -266,19 +295,8 @@ class BotScheduling:
                 self.scheduler.cancel(job)
             return self._exec_task(run)
         if not self.scheduler.submit(job, keys, run):
-            self._backlog_full(entry)
+            self._backlog_full(entry if entry is not None else _Entry(content, keys, None, owners))
         return None
-
-    def _steps(self, notify: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def notify_with_sessions(new_messages: Any) -> Any:
-            saved = getattr(self._local, "steps", False)
-            self._local.steps = True
-            try:
-                return notify(new_messages)
-            finally:
-                self._local.steps = saved
-
-        return notify_with_sessions
 
     def handle_exception(self, exc: Exception) -> bool:
         """A session failure inside a handler goes to ``on_error`` (in ``post_process``), not to telebot."""
@@ -292,11 +310,9 @@ class BotScheduling:
     def _guarded(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Run a middleware task; release what a cancelled update's middlewares left open."""
         before = context.active_frames()
-        saved, self._local.steps = getattr(self._local, "steps", False), False
         try:
             return task(*args, **kwargs)
         finally:
-            self._local.steps = saved
             if context.active_frames() != before:
                 _release_leftovers(before, self.middlewares)
 
@@ -304,7 +320,6 @@ class BotScheduling:
         """A next-step step or reply callback inside the message's sessions (no middleware runs for it)."""
         message = args[0]
         opened: List[SessionMiddleware] = []
-        saved, self._local.steps = getattr(self._local, "steps", False), False
         try:
             for mw in middlewares:
                 if mw.enter(message) is None:
@@ -327,7 +342,6 @@ class BotScheduling:
             opened = []
             return result
         finally:
-            self._local.steps = saved
             for mw in reversed(opened):  # an enter() failed after others succeeded
                 mw.leave(message, RuntimeError("not run"))
 
@@ -344,9 +358,16 @@ class BotScheduling:
             f"session {first[0]!r}: too many updates waiting for this key; this one was dropped", first[0], None))
 
 
+#: Update fields, the common ones first (an update has exactly one).
+_FIELDS = list(dict.fromkeys(["message", "callback_query", "edited_message", "inline_query"]
+                             + list(_TELEBOT_UPDATE_TYPES)))
+
+
 def _content_of(update: Any) -> Tuple[Any, str]:
     """The update's payload and the update type telebot dispatches it under."""
-    for field in _TELEBOT_UPDATE_TYPES:
+    if update.message is not None:
+        return update.message, "message"
+    for field in _FIELDS:
         content = getattr(update, field, None)
         if content is not None:
             return content, _DISPATCH_NAMES.get(field, field)

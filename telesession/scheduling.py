@@ -75,7 +75,7 @@ class KeyScheduler:
 
     def held_here(self, keys: Sequence[str]) -> bool:
         """Whether this thread is running a job of one of ``keys`` (a re-entrant dispatch)."""
-        held = getattr(self._local, "held", None)
+        held = self._local.__dict__.get("held")
         if not held:
             return False
         return any(k in running for running in held for k in keys)
@@ -199,19 +199,20 @@ class KeyScheduler:
         held.append(job.keys)
         error: Optional[BaseException] = None
         ready: List[Job] = []
+        task = job.tasks.popleft()  # a started job has a task, and only its runner takes them
         try:
             while True:
+                try:
+                    task()
+                except BaseException as exc:  # finish the job first; then let telebot see it
+                    if error is None:
+                        error = exc
                 with self._lock:
                     if not job.tasks:
                         job.state = _DONE
                         ready = self._remove(job)
                         break
                     task = job.tasks.popleft()
-                try:
-                    task()
-                except BaseException as exc:  # finish the job first; then let telebot see it
-                    if error is None:
-                        error = exc
         finally:
             held.pop()
             for successor in ready:
