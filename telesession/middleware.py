@@ -21,7 +21,7 @@ reaches telebot's polling loop.
 """
 import logging
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import context
 from .errors import BacklogFull, LockTimeout, SerializationError, SessionError, StoreError
@@ -48,7 +48,7 @@ UPDATE_TYPES: List[str] = list(dict.fromkeys(
     list(_TELEBOT_UPDATE_TYPES) + [_DISPATCH_NAMES.get(t, t) for t in _TELEBOT_UPDATE_TYPES]))
 
 #: What ``on_error`` receives: the session layer could not serve an update.
-SESSION_FAILURES: Tuple[type, ...] = (StoreError, SerializationError, LockTimeout, BacklogFull)
+SESSION_FAILURES: Tuple[Type[BaseException], ...] = (StoreError, SerializationError, LockTimeout, BacklogFull)
 
 _REPORTED = "_telesession_reported"
 
@@ -121,7 +121,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
                 except Exception as exc:  # the save failed: nothing was written
                     self.report(update, exc)
                 break
-        if isinstance(exception, SESSION_FAILURES):  # a lazy load inside the handler failed
+        if exception is not None and isinstance(exception, SESSION_FAILURES):  # a lazy load inside the handler failed
             self.report(update, exception)
 
     def report(self, update: Any, exc: BaseException) -> None:
@@ -236,9 +236,12 @@ class BotScheduling:
             self._process_new_updates(updates)
         finally:
             for ident in mine:
-                entry = self._entries.pop(ident, None)
-                if entry is not None and entry.job is not None:
-                    self.scheduler.cancel(entry.job)  # telebot never ran it: later updates move up
+                left = self._entries.get(ident)
+                if left is None:
+                    continue
+                del self._entries[ident]
+                if left.job is not None:
+                    self.scheduler.cancel(left.job)  # telebot never ran it: later updates move up
 
     def _needs_reservations(self, batch: List[Tuple[Any, Any, str]]) -> bool:
         """Whether telebot could run this batch's tasks out of arrival order.
