@@ -242,8 +242,9 @@ class Sessions(Generic[T]):
     factory called for every new session (a dataclass makes typed sessions).
     ``key`` maps the handler's first argument to a session key (``None``: no
     session).  ``name`` is the parameter name under which the middleware hands the
-    session to handlers.  See the README for ``ttl``, ``version``/``migrations``
-    and ``lazy``.
+    session to handlers.  ``on_error(update, exc)`` is what the middleware does when
+    the session layer cannot serve an update (default: one ERROR log line; see
+    docs/errors.md).  See the README for ``ttl``, ``version``/``migrations`` and ``lazy``.
     """
 
     @overload

@@ -439,3 +439,12 @@ def test_commands_predicate():
     assert stop(message_update("/cancel").message)
     assert not stop(message_update("/stopped").message) and not stop(message_update("stop").message)
     assert not stop(callback_update("/stop").callback_query)
+
+
+def test_ordered_is_accepted_for_compatibility():
+    bot = telebot.TeleBot(TOKEN, threaded=False, use_class_middlewares=True)
+    Sessions().setup(bot, ordered=True)
+    with pytest.warns(DeprecationWarning, match=r"ordered=False\) is ignored"):
+        Sessions(name="other").setup(bot, ordered=False)
+    with pytest.raises(TypeError, match="on_error must be a callable"):
+        Sessions(on_error="log")
