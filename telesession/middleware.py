@@ -368,8 +368,9 @@ _FIELDS = list(dict.fromkeys(["message", "callback_query", "edited_message", "in
 
 def _content_of(update: Any) -> Tuple[Any, str]:
     """The update's payload and the update type telebot dispatches it under."""
-    if update.message is not None:
-        return update.message, "message"
+    message = getattr(update, "message", None)
+    if message is not None:
+        return message, "message"
     for field in _FIELDS:
         content = getattr(update, field, None)
         if content is not None:
