@@ -20,6 +20,7 @@ called and the handler is not run (or its result is not saved); nothing of it
 reaches telebot's polling loop.
 """
 import logging
+import threading
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -176,6 +177,7 @@ class BotScheduling:
         self._exec_task = bot._exec_task
         self.scheduler = KeyScheduler(self._exec_task, lambda: not bot.threaded, max_pending)
         self._entries: Dict[int, _Entry] = {}
+        self._pending = threading.local()  # threaded bots: the tasks of the batch being dispatched
         self._process_new_updates = bot.process_new_updates
         self._handle_exception = bot._handle_exception
         self._run_func = getattr(type(bot)._run_middlewares_and_handler, "__func__",
@@ -233,7 +235,16 @@ class BotScheduling:
                 mine.append(id(content))
                 if job is None:
                     self._backlog_full(entry)
-            self._process_new_updates(updates)
+            collect = self.bot.threaded and self._pending.__dict__.get("items") is None
+            if collect:
+                self._pending.items = []
+            try:
+                self._process_new_updates(updates)
+            finally:
+                if collect:
+                    items, self._pending.items = self._pending.items, None
+                    if items:
+                        self._submit_batch(items)
         finally:
             for ident in mine:
                 left = self._entries.get(ident)
@@ -242,6 +253,13 @@ class BotScheduling:
                 del self._entries[ident]
                 if left.job is not None:
                     self.scheduler.cancel(left.job)  # telebot never ran it: later updates move up
+
+    def _submit_batch(self, items: List[Tuple[Any, ...]]) -> None:
+        """Hand a dispatched batch's tasks to the scheduler under one lock (no convoy with the workers)."""
+        dropped = self.scheduler.submit_many([(job, keys, run) for job, keys, run, _, _ in items])
+        for i in dropped:
+            _, keys, _, content, owners = items[i]
+            self._backlog_full(_Entry(content, keys, None, owners))
 
     def _needs_reservations(self, batch: List[Tuple[Any, Any, str]]) -> bool:
         """Whether telebot could run this batch's tasks out of arrival order.
@@ -297,6 +315,10 @@ class BotScheduling:
             if job is not None:
                 self.scheduler.cancel(job)
             return self._exec_task(run)
+        pending = self._pending.__dict__.get("items")
+        if pending is not None:  # threaded, inside process_new_updates: submitted together at its end
+            pending.append((job, keys, run, content, owners if entry is None else entry.owners))
+            return None
         if not self.scheduler.submit(job, keys, run):
             self._backlog_full(entry if entry is not None else _Entry(content, keys, None, owners))
         return None

@@ -14,7 +14,7 @@ This module knows nothing of telebot: ``telesession.middleware`` feeds it.
 import logging
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["KeyScheduler", "Job", "commands", "DEFAULT_MAX_PENDING"]
 
@@ -108,6 +108,26 @@ class KeyScheduler:
         if start:
             self._start(job, own=True)
         return True
+
+    def submit_many(self, items: Sequence[Tuple[Optional[Job], Sequence[str], Callable[[], Any]]]
+                    ) -> List[int]:
+        """``submit`` for several tasks under one lock; the indexes of those dropped (backlog full)."""
+        started: List[Job] = []
+        dropped: List[int] = []
+        with self._lock:
+            for i, (job, keys, task) in enumerate(items):
+                if job is None or job.state == _DONE:
+                    job = Job(keys)
+                    if not self._enqueue(job):
+                        dropped.append(i)
+                        continue
+                job.tasks.append(task)
+                if job.state == _PENDING and job.waiting == 0:
+                    job.state = _RUNNING
+                    started.append(job)
+        for job in started:
+            self._start(job, own=True)
+        return dropped
 
     def cancel(self, job: Job) -> None:
         """Give up a reservation that got no task (telebot dropped the update): later jobs move up."""
