@@ -13,6 +13,7 @@ This module knows nothing of telebot: ``telesession.middleware`` feeds it.
 """
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +23,9 @@ logger = logging.getLogger("telesession")
 
 #: How many updates one key may have parked (waiting behind its running update) by default.
 DEFAULT_MAX_PENDING = 1000
+
+#: How long a worker may keep running one key's parked jobs before handing the key back to the queue.
+KEEP_RUNNING = 0.02
 
 _PENDING, _RUNNING, _DONE = 0, 1, 2
 
@@ -212,14 +216,54 @@ class KeyScheduler:
             raise error
 
     def _run(self, job: Job) -> None:
-        """The worker task: run the job's tasks, then free its keys and start the jobs behind it."""
-        held = getattr(self._local, "held", None)
+        """The worker task: run the job, free its keys, start the jobs behind them.
+
+        A worker keeps running the next job of the key it just freed for up to
+        ``KEEP_RUNNING`` seconds (no round trip through the worker queue, which many
+        threads contend for); after that the key goes to the back of the queue, so
+        a key with a backlog never keeps a worker from other keys for longer.
+        """
+        if self._inline():
+            return self._run_here(job)
+        held = self._held()
+        started = time.monotonic()
+        current: Optional[Job] = job
+        while current is not None:
+            held.append(current.keys)
+            error: Optional[BaseException] = None
+            try:
+                current.tasks.popleft()()  # a started job has a task, and only its runner takes them
+            except BaseException as exc:
+                error = exc
+            finally:
+                held.pop()
+            with self._lock:
+                if current.tasks:  # more tasks came for the same update: it keeps its place
+                    ready = [current]
+                else:
+                    current.state = _DONE
+                    ready = self._remove(current)
+            current = None
+            if error is None and ready and time.monotonic() - started < KEEP_RUNNING:
+                current = ready.pop(0)
+            for successor in ready:
+                self._start(successor, own=False)
+            if error is not None:
+                raise error
+
+    def _held(self) -> List[Sequence[str]]:
+        held = self._local.__dict__.get("held")
         if held is None:
             held = self._local.held = []
+        return held
+
+    def _run_here(self, job: Job) -> None:
+        """``_run`` for a bot without threads: every task of the job here, then its successors."""
+        held = self._held()
         held.append(job.keys)
         error: Optional[BaseException] = None
         ready: List[Job] = []
-        task = job.tasks.popleft()  # a started job has a task, and only its runner takes them
+        task = job.tasks.popleft()
         try:
             while True:
                 try:
