@@ -318,6 +318,9 @@ class BotScheduling:
         pending = self._pending.__dict__.get("items")
         if pending is not None:  # threaded, inside process_new_updates: submitted together at its end
             pending.append((job, keys, run, content, owners if entry is None else entry.owners))
+            if len(pending) >= 64:  # a big batch: let the workers start on its beginning
+                self._pending.items = []
+                self._submit_batch(pending)
             return None
         if not self.scheduler.submit(job, keys, run):
             self._backlog_full(entry if entry is not None else _Entry(content, keys, None, owners))
