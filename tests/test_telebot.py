@@ -557,8 +557,8 @@ def test_next_step_steps_get_the_chats_session_in_order_on_a_polling_bot(tmp_pat
         @bot.message_handler(commands=["ask"])
         def ask(message):
             session["seen"].append(message.text)
+            bot.register_next_step_handler(message, answer)  # before the reply the test waits for
             bot.send_message(message.chat.id, "your name?")
-            bot.register_next_step_handler(message, answer)
 
         def answer(message):
             time.sleep(0.3)  # without per-key order the later messages overtake the step
