@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors, keys, stores
 from .context import session
-from .errors import (ConflictError, CorruptSessionError, LockTimeout, NoActiveSession, SerializationError,
+from .errors import (BacklogFull, ConflictError, CorruptSessionError, LockTimeout, NoActiveSession, SerializationError,
                      SessionError, StoreError)
 from .manager import Sessions, configure, with_session
 
@@ -36,6 +36,7 @@ __all__ = [
     "CorruptSessionError",
     "SerializationError",
     "ConflictError",
+    "BacklogFull",
 ]
 
 __version__ = "0.1.0"

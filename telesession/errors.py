@@ -14,6 +14,7 @@ __all__ = [
     "CorruptSessionError",
     "SerializationError",
     "ConflictError",
+    "BacklogFull",
 ]
 
 
@@ -67,3 +68,7 @@ class SerializationError(SessionError, TypeError):
 
 class ConflictError(StoreError):
     """The stored session changed since it was loaded (a lost race); nothing was overwritten."""
+
+
+class BacklogFull(SessionError, OverflowError):
+    """A key already has ``max_pending`` updates parked behind its running one; this update was dropped."""

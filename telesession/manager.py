@@ -11,6 +11,7 @@ serialized form changed, never when the handler raised (unless
 """
 import dataclasses
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ logger = logging.getLogger("telesession")
 T = TypeVar("T")
 D = TypeVar("D")
 F = TypeVar("F", bound=Callable[..., Any])
+ErrorHandler = Callable[[Any, BaseException], Any]
 
 _UNLOADED, _LOADED, _CLOSED = 0, context.LOADED, 2
 
@@ -231,14 +233,16 @@ class _Scope(Generic[T]):
     (``manager._stored_key(key)``, e.g. ``"session:123"``).
     """
 
-    __slots__ = ("manager", "key", "origin", "frame", "owner")
+    __slots__ = ("manager", "key", "origin", "frame", "owner", "lazy")
 
-    def __init__(self, manager: "Sessions[T]", key: Optional[str], origin: Any = None) -> None:
+    def __init__(self, manager: "Sessions[T]", key: Optional[str], origin: Any = None,
+                 lazy: Optional[bool] = None) -> None:
         self.manager = manager
         self.key = None if key is None else manager._stored_key(key)
         self.origin = origin
         self.frame: Optional[_Frame] = None
         self.owner = False
+        self.lazy = manager.lazy if lazy is None else lazy  # the middleware's bypass makes a scope lazy
 
     def __enter__(self) -> T:
         return cast(T, self.manager._proxy_for(self.enter()))
@@ -259,7 +263,7 @@ class _Scope(Generic[T]):
         self.owner = handle is None
         if handle is None:
             handle = _Handle(m, key)
-            if key is not None and not m.lazy:
+            if key is not None and not self.lazy:
                 handle.load()
         self.frame = frame = _Frame(m, handle, self.origin, self.owner)
         if frames:
@@ -270,6 +274,13 @@ class _Scope(Generic[T]):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         cast(_Frame, self.frame).close(exc_type is None)
+
+
+def _refuse_coroutine(func: Any) -> None:
+    """Async handlers would run after the scope closed: refuse them at decoration time."""
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
+        raise TypeError(f"with_session cannot decorate the coroutine function {getattr(func, '__qualname__', func)!r}: "
+                        "telesession supports the blocking telebot.TeleBot, not AsyncTeleBot or async handlers")
 
 
 def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args: Any, **kwargs: Any) -> Any:
@@ -320,27 +331,30 @@ class Sessions(Generic[T]):
     factory called for every new session (a dataclass makes typed sessions).
     ``key`` maps the handler's first argument to a session key (``None``: no
     session).  ``name`` is the parameter name under which the middleware hands the
-    session to handlers.  See the README for ``ttl``, ``version``/``migrations``
-    and ``lazy``.
+    session to handlers.  ``on_error(update, exc)`` is what the middleware does when
+    the session layer cannot serve an update (default: one ERROR log line; see
+    docs/errors.md).  See the README for ``ttl``, ``version``/``migrations`` and ``lazy``.
     """
 
     @overload
     def __init__(self: "Sessions[Dict[str, Any]]", store: Union[Store, str, None] = None, *,
                  key: keys.KeyFunc = ..., name: str = ..., lock_timeout: float = ...,
                  save_on_error: bool = ..., ttl: Optional[float] = ..., version: int = ...,
-                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...) -> None: ...
+                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...,
+                 on_error: Optional[ErrorHandler] = ...) -> None: ...
 
     @overload
     def __init__(self, store: Union[Store, str, None] = None, *, initial: Callable[[], T],
                  key: keys.KeyFunc = ..., name: str = ..., lock_timeout: float = ...,
                  save_on_error: bool = ..., ttl: Optional[float] = ..., version: int = ...,
-                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...) -> None: ...
+                 migrations: Optional[Mapping[int, Callable[[Any], Any]]] = ..., lazy: bool = ...,
+                 on_error: Optional[ErrorHandler] = ...) -> None: ...
 
     def __init__(self, store: Union[Store, str, None] = None, *, initial: Callable[[], Any] = dict,
                  key: keys.KeyFunc = keys.by_chat, name: str = "session", lock_timeout: float = 30.0,
                  save_on_error: bool = False, ttl: Optional[float] = None, version: int = 0,
                  migrations: Optional[Mapping[int, Callable[[Any], Any]]] = None,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, on_error: Optional[ErrorHandler] = None) -> None:
         if store is None:
             from .stores.memory import MemoryStore
 
@@ -358,6 +372,8 @@ class Sessions(Generic[T]):
             raise TypeError(f"key must be a callable from the update to a str, not {type(key).__name__}")
         if lock_timeout is None or lock_timeout < 0:
             raise ValueError("lock_timeout must be a number of seconds >= 0")
+        if on_error is not None and not callable(on_error):
+            raise TypeError(f"on_error must be a callable (update, exc) or None, not {type(on_error).__name__}")
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be a positive number of seconds, or None")
         if not isinstance(version, int) or version < 0:
@@ -384,6 +400,9 @@ class Sessions(Generic[T]):
         self.bot_id: Optional[int] = None
         self._namespace = f"{name}:"
         _watch_namespace(self)
+        #: Called by the middleware as ``on_error(update, exc)`` when the session layer cannot serve
+        #: an update; ``None`` logs one ERROR line on the ``telesession`` logger.
+        self.on_error: Optional[ErrorHandler] = on_error
         self._current = context.SessionProxy(self._current_value, self._delete_current)
 
     # -- the public surface ---------------------------------------------------------
@@ -406,6 +425,7 @@ class Sessions(Generic[T]):
 
     def with_session(self, func: F) -> F:
         """Decorate a handler: its first argument's session is loaded, bound and saved around it."""
+        _refuse_coroutine(func)
 
         # A partial, not a nested function: calling it costs no Python frame of its own.
         # update_wrapper sets __wrapped__, so inspect.signature (telebot uses it) sees func's.
@@ -419,8 +439,15 @@ class Sessions(Generic[T]):
         return _Scope(self, _checked(key))
 
     def setup(self, bot: Any, **options: Any) -> Any:
-        """Install a ``SessionMiddleware`` on ``bot`` (a ``TeleBot(use_class_middlewares=True)``)
-        and bind this manager to the bot (``bind``): its keys are then stored per bot."""
+        """Install a ``SessionMiddleware`` and per-key scheduling on ``bot`` (a
+        ``TeleBot(use_class_middlewares=True)``), and bind this manager to the bot (``bind``):
+        its keys are then stored per bot.
+
+        Options: ``bypass`` (a predicate: updates that skip their key's queue, with a lazy
+        session), ``max_pending`` (updates one key may have parked, default 1000);
+        ``ordered`` is accepted for compatibility (per-key order is always on).
+        See docs/scheduling.md.
+        """
         from .middleware import install
 
         bot_id = bot_id_of(bot)
@@ -500,6 +527,10 @@ class Sessions(Generic[T]):
                 continue
             if value is not _EXPIRED:
                 yield stored[n:], value
+
+    def _scope(self, key: Optional[str], origin: Any = None, lazy: Optional[bool] = None) -> "_Scope":
+        """The scope of ``key`` (``None``: no session) opened by ``origin`` (a middleware)."""
+        return _Scope(self, key, origin, lazy)
 
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""
@@ -668,6 +699,7 @@ def configure(**options: Any) -> Sessions[Any]:
 
 def with_session(func: F) -> F:
     """``Sessions.with_session`` of the default manager, looked up at call time (after ``configure``)."""
+    _refuse_coroutine(func)
 
     @functools.wraps(func)
     def wrapper(update: Any, *args: Any, **kwargs: Any) -> Any:

@@ -15,12 +15,21 @@ def drain(bot: Any, timeout: float = 60.0) -> None:
     telebot's ``tasks.join()`` never returns (workers never call ``task_done``), so
     queue one barrier task per worker: when all of them are inside the barrier,
     every task queued before them has finished, post_process included.
+    Updates parked on a busy key (``sessions.setup``) reach the pool only when the
+    key frees, so repeat until the bot's scheduler has no busy key left.
     """
-    workers = len(bot.worker_pool.workers)
-    barrier = threading.Barrier(workers + 1, timeout=timeout)
-    for _ in range(workers):
-        bot.worker_pool.put(barrier.wait)
-    barrier.wait()
+    deadline = time.monotonic() + timeout
+    scheduling = bot.__dict__.get("_telesession")
+    while True:
+        workers = len(bot.worker_pool.workers)
+        barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
+        for _ in range(workers):
+            bot.worker_pool.put(barrier.wait)
+        barrier.wait()
+        if scheduling is None or scheduling.scheduler.busy_keys() == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
 
 
 @contextlib.contextmanager
@@ -52,11 +61,14 @@ def increment_in_process(url: str, key: str, times: int, lock_timeout: float = 6
     return times
 
 
-def hold_key(url: str, key: str, ready: Any, seconds: float, **store_options: Any) -> None:
-    """Child-process body: hold ``key`` for ``seconds`` (or until killed) after setting ``ready``."""
+def hold_key(url: str, key: str, ready: Any, seconds: float, bot: Any = None, **store_options: Any) -> None:
+    """Child-process body: hold ``key`` for ``seconds`` (or until killed) after setting ``ready``
+    (``bot``: the manager is bound to that bot, as ``setup(bot)`` would)."""
     import time
 
     sessions = Sessions(from_url(url, **store_options))
+    if bot is not None:
+        sessions.bind(bot)
     with sessions.open(key):
         ready.set()
         time.sleep(seconds)

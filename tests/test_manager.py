@@ -375,14 +375,14 @@ def test_lazy_session_untouched_takes_no_lock_and_reads_nothing(json_store):
 def test_errors_share_one_base_and_pickle():
     samples = [NoActiveSession("m"), LockTimeout("m", "k", "w"), StoreError("m", "k", "w"),
                CorruptSessionError("m", "k", "w"), SerializationError("m", "k", "w", "session['a']"),
-               ConflictError("m", "k", "w")]
+               ConflictError("m", "k", "w"), errors.BacklogFull("m", "k")]
     for exc in samples:
         assert isinstance(exc, SessionError)
         copy = pickle.loads(pickle.dumps(exc))
         assert type(copy) is type(exc) and str(copy) == "m" and copy.key == exc.key and copy.where == exc.where
     assert pickle.loads(pickle.dumps(samples[4])).path == "session['a']"
     assert set(errors.__all__) == {"SessionError", "NoActiveSession", "LockTimeout", "StoreError",
-                                   "CorruptSessionError", "SerializationError", "ConflictError"}
+                                   "CorruptSessionError", "SerializationError", "ConflictError", "BacklogFull"}
 
 
 def test_import_is_cheap():

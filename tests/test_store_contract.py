@@ -268,7 +268,7 @@ def test_forced_portable_backend_is_the_one_used(kind, tmp_path, monkeypatch):
         s["count"] += 1
         lock_file = sessions.store._process_lock_file("k")
         assert isinstance(lock_file, PortableLockFile)
-        held = lock_file.file_of(locking.key_offset("k"))
+        held = lock_file.file_of(locking.key_offset(sessions._stored_key("k")))
         assert os.path.exists(held)  # the key's own lock file, beside the store's lock path
         assert lock_file.directory == sessions.store.lock_path + ".d"
 

@@ -284,7 +284,7 @@ def test_ordered_processing_keeps_each_chats_order(tmp_path):
         for chat in range(chats):
             with sessions.open(str(chat + 1)) as s:
                 assert s["seen"] == list(range(per_chat)), chat
-        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+        assert bot._telesession.scheduler.busy_keys() == 0
     finally:
         stop(bot)
 
@@ -318,7 +318,7 @@ def test_ordered_an_update_taken_by_a_next_step_handler_never_stalls_its_chat(tm
         with sessions.open("3") as s:
             assert s["seen"] == ["/ask", "after"]
         assert "out of order" not in caplog.text
-        assert bot._telesession_middlewares[0].sequencer.pending() == 0
+        assert bot._telesession.scheduler.busy_keys() == 0
     finally:
         stop(bot)
 
@@ -347,7 +347,7 @@ def test_ordered_a_step_handler_that_raises_in_an_unthreaded_bot_never_stalls_it
     started = time.monotonic()
     bot.process_new_updates([message_update("after", chat_id=3)])
     assert time.monotonic() - started < 1.5, "the next update waited for the failed update's ticket"
-    assert bot._telesession_middlewares[0].sequencer.pending() == 0
+    assert bot._telesession.scheduler.busy_keys() == 0
     with sessions.open("3") as s:
         assert s["seen"] == ["/ask", "after"]
 
@@ -371,8 +371,9 @@ def test_redis_outage_mid_run_gives_store_errors_and_the_bot_recovers(redis_serv
     bot = make_bot()
     bot.exception_handler = CountingHandler()
     try:
+        failures = []
         sessions = Sessions(from_url(redis_store_url, socket_timeout=2, socket_connect_timeout=2),
-                            initial=lambda: {"count": 0})
+                            initial=lambda: {"count": 0}, on_error=lambda update, exc: failures.append(exc))
         sessions.setup(bot)
         handled = []
 
@@ -389,8 +390,9 @@ def test_redis_outage_mid_run_gives_store_errors_and_the_bot_recovers(redis_serv
         bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(20)])
         drain(bot)
         assert time.monotonic() - started < 60, "the outage made the bot hang"
-        assert len(bot.exception_handler.errors) == 40
-        assert all(isinstance(e, StoreError) and "127.0.0.1" in str(e) for e in bot.exception_handler.errors)
+        assert bot.exception_handler.errors == []  # on_error got them, telebot saw nothing
+        assert len(failures) == 40
+        assert all(isinstance(e, StoreError) and "127.0.0.1" in str(e) for e in failures)
         redis_server.start()
         bot.process_new_updates([message_update("x", chat_id=c) for c in (1, 2) for _ in range(30)])
         drain(bot)
@@ -410,8 +412,9 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
 
     bot.exception_handler = CountingHandler()
     store = from_url(f"json:{tmp_path / 's'}")
-    os.mkdir(store.path("123456:session:13"))  # stored key: bot id, manager name, chat  # chat 13's record path is a directory: unreadable and unwritable
-    sessions = Sessions(store, initial=lambda: {"count": 0})
+    os.mkdir(store.path("123456:session:13"))  # chat 13's record path is a directory: unreadable and unwritable
+    errors = []
+    sessions = Sessions(store, initial=lambda: {"count": 0}, on_error=lambda update, exc: errors.append(exc))
     sessions.setup(bot)
 
     @bot.message_handler(func=lambda m: True)
@@ -420,7 +423,7 @@ def test_one_broken_chat_does_not_stop_the_others(bot, tmp_path):
 
     bot.process_new_updates([message_update("x", chat_id=c) for c in (12, 13, 14) for _ in range(10)])
     drain(bot)
-    errors = bot.exception_handler.errors
+    assert bot.exception_handler.errors == []
     assert len(errors) == 10 and all(isinstance(e, StoreError) and "'123456:session:13'" in str(e) for e in errors)
     with sessions.open("12") as a, sessions.open("14") as b:
         assert a["count"] == 10 and b["count"] == 10
@@ -430,7 +433,9 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
     store = from_url(f"json:{tmp_path / 's'}")
     with open(store.path("123456:session:5"), "wb") as f:
         f.write(b"not json")  # reading it would raise CorruptSessionError
-    sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2)
+    failures = []
+    sessions = Sessions(store, initial=lambda: {"count": 0}, lazy=True, lock_timeout=0.2,
+                        on_error=lambda update, exc: failures.append(exc))
     sessions.setup(bot)
     bot.exception_handler = CountingHandler()
     ran = []
@@ -449,13 +454,186 @@ def test_lazy_sessions_through_the_middleware_touch_nothing_until_used(bot, tmp_
     with held_in_another_thread(holder, "6"):
         bot.process_new_updates([message_update("/ping", chat_id=5), message_update("/ping", chat_id=6)])
         drain(bot)
-        assert ran == ["ping", "ping"] and bot.exception_handler.errors == []
+        assert ran == ["ping", "ping"] and failures == []
         bot.process_new_updates([message_update("/count", chat_id=6)])
         drain(bot)
-        assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout"]
+        assert [type(e).__name__ for e in failures] == ["LockTimeout"]
     bot.process_new_updates([message_update("/count", chat_id=6), message_update("/count", chat_id=5)])
     drain(bot)
     assert ran.count("count") == 1  # chat 6 counted; chat 5's corrupt record refused
-    assert [type(e).__name__ for e in bot.exception_handler.errors] == ["LockTimeout", "CorruptSessionError"]
+    assert [type(e).__name__ for e in failures] == ["LockTimeout", "CorruptSessionError"]
+    assert bot.exception_handler.errors == []  # on_error got them; telebot saw nothing
     with sessions.open("6") as s:
         assert s["count"] == 1
+
+
+# ---- every update type telebot dispatches gets its session (issue 11) ------------------------
+
+import inspect  # noqa: E402
+import re  # noqa: E402
+
+from telebot import types as tb_types  # noqa: E402
+from telebot import util as tb_util  # noqa: E402
+
+from telesession import context  # noqa: E402
+from telesession.middleware import UPDATE_TYPES  # noqa: E402
+from telesession.testing import UPDATE_KINDS, update_dict, user_dict, chat_dict, message_dict  # noqa: E402
+
+
+def telebot_dispatch_types():
+    """The update types telebot hands to class middlewares, read from telebot's own dispatch code."""
+    source = inspect.getsource(telebot.TeleBot)
+    return set(re.findall(r"_notify_command_handlers\(\s*[^()]*?,\s*'(\w+)'\s*\)", source))
+
+
+#: Update JSON for kinds the factories do not build (newer Bot API types).
+EXTRA_UPDATES = {
+    "managed_bot": lambda: {"managed_bot": {"user": user_dict(41), "bot": user_dict(9041, is_bot=True)}},
+    "guest_message": lambda: {"guest_message": message_dict("hi", chat_id=42)},
+    "subscription": lambda: {"subscription": {"user": user_dict(43), "invoice_payload": "p", "state": "active"}},
+    "stopped_message_generation": lambda: {"stopped_message_generation": {"chat": chat_dict(44), "draft_id": 1}},
+}
+
+
+def update_of(field):
+    if field in UPDATE_KINDS:
+        return tb_types.Update.de_json(update_dict(field))
+    return tb_types.Update.de_json(update_dict(**EXTRA_UPDATES[field]()))
+
+
+def test_the_middleware_knows_every_update_type_telebot_dispatches():
+    dispatched = telebot_dispatch_types()
+    assert len(dispatched) >= 25 and "chosen_inline_query" in dispatched  # the regex still reads telebot
+    assert dispatched <= set(UPDATE_TYPES), sorted(dispatched - set(UPDATE_TYPES))
+    assert set(tb_util.update_types) <= set(UPDATE_TYPES)
+    missing = [f for f in tb_util.update_types if f not in UPDATE_KINDS and f not in EXTRA_UPDATES]
+    assert missing == [], f"no Update JSON for a new telebot update type: {missing}"
+
+
+class SeesSession(BaseMiddleware):
+    """Registered after ours: records the session key bound when telebot runs the update's middlewares."""
+
+    update_sensitive = False
+
+    def __init__(self):
+        super().__init__()
+        self.update_types = list(UPDATE_TYPES)
+        self.seen = []
+
+    def pre_process(self, message, data):
+        frames = context.active_frames()
+        self.seen.append((message, frames[-1].handle.key if frames else "NO SESSION", "session" in data))
+
+    def post_process(self, message, data, exception):
+        pass
+
+
+@pytest.mark.parametrize("strategy", [keys.by_chat, keys.by_user, keys.by_user_in_chat, keys.by_chat_topic],
+                         ids=lambda s: s.__name__)
+def test_every_update_type_gets_its_session(tmp_path, strategy):
+    bot = make_bot(threaded=False)
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), key=strategy)
+    sessions.setup(bot)
+    probe = SeesSession()
+    bot.setup_middleware(probe)
+    for field in tb_util.update_types:
+        probe.seen.clear()
+        update = update_of(field)
+        content = getattr(update, field)
+        bot.process_new_updates([update])
+        assert len(probe.seen) == 1, f"{field}: telebot did not run the middlewares once"
+        seen, key, in_data = probe.seen[0]
+        assert seen is content and in_data, field
+        expected = strategy(content)
+        assert key == (None if expected is None else sessions._stored_key(expected)), field
+        if strategy is keys.by_chat and field != "poll":  # a poll carries no chat and no user
+            assert key is not None, field
+
+
+def test_next_step_steps_get_the_chats_session_in_order_on_a_polling_bot(tmp_path):
+    from telesession.testing import FakeBotAPI
+
+    with FakeBotAPI() as api:
+        bot = telebot.TeleBot(api.token, num_threads=4, use_class_middlewares=True)
+        sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []})
+        sessions.setup(bot)
+
+        @bot.message_handler(commands=["ask"])
+        def ask(message):
+            session["seen"].append(message.text)
+            bot.register_next_step_handler(message, answer)  # before the reply the test waits for
+            bot.send_message(message.chat.id, "your name?")
+
+        def answer(message):
+            time.sleep(0.3)  # without per-key order the later messages overtake the step
+            session["seen"].append(message.text)
+            bot.send_message(message.chat.id, f"hello {message.text}")
+
+        @bot.message_handler(func=lambda m: True)
+        def other(message):
+            session["seen"].append(message.text)
+            bot.send_message(message.chat.id, "ok")
+
+        with api.run_bot(bot):
+            api.send_message(3, "/ask")
+            api.wait_for_replies(1, chat_id=3)
+            for text in ("answer", "after1", "after2"):
+                api.send_message(3, text)
+            api.wait_for_replies(4, chat_id=3)
+            api.wait_until_consumed()
+            drain(bot)
+        with sessions.open("3") as s:
+            assert s["seen"] == ["/ask", "answer", "after1", "after2"]
+        assert api.replies(3) == ["your name?", "hello answer", "ok", "ok"]
+
+
+def test_reply_callbacks_get_the_chats_session(tmp_path):
+    bot = make_bot(threaded=False)
+    sessions = Sessions(from_url(f"json:{tmp_path / 's'}"), initial=lambda: {"seen": []})
+    sessions.setup(bot)
+    got = []
+
+    @bot.message_handler(commands=["q"])
+    def question(message):
+        session["seen"].append("q")
+        bot.register_for_reply_by_message_id(777, on_reply)
+
+    def on_reply(message):
+        session["seen"].append("reply:" + message.text)
+        got.append(message.text)
+
+    bot.process_new_updates([message_update("/q", chat_id=5)])
+    bot.process_new_updates([message_update("42", chat_id=5,
+                                            reply_to_message=message_dict("q?", chat_id=5, message_id=777))])
+    assert got == ["42"]
+    with sessions.open("5") as s:
+        assert s["seen"][:2] == ["q", "reply:42"]
+
+
+def test_setup_refuses_the_async_bot_and_with_session_refuses_coroutines():
+    from telebot.async_telebot import AsyncTeleBot
+
+    sessions = Sessions()
+    with pytest.raises(TypeError, match="async"):
+        sessions.setup(AsyncTeleBot(TOKEN))
+
+    async def handler(message):
+        pass
+
+    with pytest.raises(TypeError, match="AsyncTeleBot"):
+        sessions.with_session(handler)
+    from telesession import with_session
+
+    with pytest.raises(TypeError, match="coroutine"):
+        with_session(handler)
+
+
+def test_setup_refuses_the_same_manager_twice_and_two_managers_of_one_name(bot):
+    one, two = Sessions(), Sessions()
+    one.setup(bot)
+    with pytest.raises(ValueError, match="already set up"):
+        one.setup(bot)
+    with pytest.raises(ValueError, match="named 'session'"):
+        two.setup(bot)
+    Sessions(name="user").setup(bot)  # another name is fine
+    assert [mw.sessions.name for mw in bot._telesession.middlewares] == ["session", "user"]

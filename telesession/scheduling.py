@@ -1,0 +1,300 @@
+"""Per-key scheduling: the updates of one key run one at a time, in arrival order, and no worker waits.
+
+Every key that has work in this process has a queue (a chain of jobs, as in grammY
+runner's ``sequentialize``).  A job is one update's work; it may belong to several
+keys (a chat-level and a user-level manager on one bot) and runs when it is first
+in all of them.  A job whose key is busy is *parked* on the key's queue instead of
+taking a worker thread; when the running job ends, it hands its successors to the
+worker pool (or, on a bot without threads, runs them in the thread that freed the
+key).  A key's queue is dropped as soon as it drains, so memory is bounded by the
+work in flight, and ``max_pending`` caps what one key may have parked.
+
+This module knows nothing of telebot: ``telesession.middleware`` feeds it.
+"""
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["KeyScheduler", "Job", "commands", "DEFAULT_MAX_PENDING"]
+
+logger = logging.getLogger("telesession")
+
+#: How many updates one key may have parked (waiting behind its running update) by default.
+DEFAULT_MAX_PENDING = 1000
+
+#: How long a worker may keep running one key's parked jobs before handing the key back to the queue.
+KEEP_RUNNING = 0.02
+
+_PENDING, _RUNNING, _DONE = 0, 1, 2
+
+
+class Job:
+    """One update's work on the queues of its keys: its tasks run one after another in one thread."""
+
+    __slots__ = ("keys", "tasks", "waiting", "state")
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = tuple(keys)
+        self.tasks: Deque[Callable[[], Any]] = deque()
+        self.waiting = 0  # how many of its keys' queues it is not yet first in
+        self.state = _PENDING
+
+    def __repr__(self) -> str:
+        return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} tasks={len(self.tasks)}>"
+
+
+class KeyScheduler:
+    """Per-key queues of jobs; ``execute(fn, job)`` hands a runnable job to the workers (or runs it).
+
+    ``inline()`` says whether ``execute`` runs its task in the calling thread (telebot's
+    ``threaded=False``): then the thread that frees a key runs the jobs parked on it,
+    one after another, instead of recursing.
+    """
+
+    def __init__(self, execute: Callable[..., Any], inline: Callable[[], bool],
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        if max_pending < 0:
+            raise ValueError("max_pending must be >= 0")
+        self._execute = execute
+        self._inline = inline
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._queues: Dict[str, Deque[Job]] = {}
+        self._local = threading.local()
+
+    # -- queries --------------------------------------------------------------------
+
+    def busy_keys(self) -> int:
+        """Keys with a running or parked job (0 when the bot is idle)."""
+        with self._lock:
+            return len(self._queues)
+
+    def backlog(self, key: str) -> int:
+        """Jobs queued on ``key``, the running one included."""
+        with self._lock:
+            queue = self._queues.get(key)
+            return 0 if queue is None else len(queue)
+
+    def held_here(self, keys: Sequence[str]) -> bool:
+        """Whether this thread is running a job of one of ``keys`` (a re-entrant dispatch)."""
+        held = self._local.__dict__.get("held")
+        if not held:
+            return False
+        return any(k in running for running in held for k in keys)
+
+    # -- the queue ------------------------------------------------------------------
+
+    def reserve(self, keys: Sequence[str]) -> Optional[Job]:
+        """A place in the queues of ``keys`` for an update whose tasks come later; ``None`` if a backlog is full."""
+        job = Job(keys)
+        with self._lock:
+            if not self._enqueue(job):
+                return None
+        return job
+
+    def submit(self, job: Optional[Job], keys: Sequence[str], task: Callable[[], Any]) -> bool:
+        """Run ``task`` as part of ``job`` (a reservation) or of a new job of ``keys``.
+
+        It runs now if the job is first in all its queues, else when it gets there.
+        ``False`` (and ``task`` dropped) when a key already has ``max_pending`` parked.
+        """
+        with self._lock:
+            if job is None or job.state == _DONE:
+                job = Job(keys)
+                if not self._enqueue(job):
+                    return False
+            job.tasks.append(task)
+            start = job.state == _PENDING and job.waiting == 0
+            if start:
+                job.state = _RUNNING
+        if start:
+            self._start(job, own=True)
+        return True
+
+    def submit_many(self, items: Sequence[Tuple[Optional[Job], Sequence[str], Callable[[], Any]]]
+                    ) -> List[int]:
+        """``submit`` for several tasks under one lock; the indexes of those dropped (backlog full)."""
+        started: List[Job] = []
+        dropped: List[int] = []
+        with self._lock:
+            for i, (job, keys, task) in enumerate(items):
+                if job is None or job.state == _DONE:
+                    job = Job(keys)
+                    if not self._enqueue(job):
+                        dropped.append(i)
+                        continue
+                job.tasks.append(task)
+                if job.state == _PENDING and job.waiting == 0:
+                    job.state = _RUNNING
+                    started.append(job)
+        for job in started:
+            self._start(job, own=True)
+        return dropped
+
+    def cancel(self, job: Job) -> None:
+        """Give up a reservation that got no task (telebot dropped the update): later jobs move up."""
+        with self._lock:
+            if job.state != _PENDING or job.tasks:
+                return
+            job.state = _DONE
+            ready = self._remove(job)
+        for successor in ready:
+            self._start(successor, own=False)
+
+    def _enqueue(self, job: Job) -> bool:
+        queues = self._queues
+        for key in job.keys:
+            queue = queues.get(key)
+            if queue is not None and len(queue) > self.max_pending:
+                return False
+        waiting = 0
+        for key in job.keys:
+            queue = queues.get(key)
+            if queue is None:
+                queues[key] = deque((job,))
+            else:
+                queue.append(job)
+                waiting += 1
+        job.waiting = waiting
+        return True
+
+    def _remove(self, job: Job) -> List[Job]:
+        """Take ``job`` off its queues (lock held); the jobs that may run now."""
+        ready = []
+        for key in job.keys:
+            queue = self._queues[key]
+            first = queue[0] is job
+            if first:
+                queue.popleft()
+            else:
+                queue.remove(job)
+            if not queue:
+                del self._queues[key]
+            elif first:
+                successor = queue[0]
+                successor.waiting -= 1
+                if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
+                    successor.state = _RUNNING
+                    ready.append(successor)
+        return ready
+
+    # -- running --------------------------------------------------------------------
+
+    def _start(self, job: Job, own: bool) -> None:
+        if not self._inline():
+            self._execute(self._run, job)
+            return
+        todo = getattr(self._local, "todo", None)
+        if not own and todo is not None:
+            todo.append(job)  # the loop in _drain below runs it when the current job is done
+            return
+        self._drain(job, own)
+
+    def _drain(self, first: Job, own: bool) -> None:
+        """Run ``first`` here, then every job it frees, in a loop (no recursion)."""
+        saved = getattr(self._local, "todo", None)
+        todo: Deque[Job] = deque()
+        self._local.todo = todo
+        error: Optional[BaseException] = None
+        try:
+            job: Optional[Job] = first
+            while job is not None:
+                try:
+                    self._execute(self._run, job)
+                except Exception as exc:
+                    if job is first and own:
+                        error = exc  # the caller's own update: its exception goes where telebot sends it
+                    else:
+                        logger.error("an update of key %r, run for another thread that had parked it, "
+                                     "raised %s: %s", job.keys[0], type(exc).__name__, exc, exc_info=exc)
+                job = todo.popleft() if todo else None
+        finally:
+            self._local.todo = saved
+        if error is not None:
+            raise error
+
+    def _run(self, job: Job) -> None:
+        """The worker task: run the job, free its keys, start the jobs behind them.
+
+        A worker keeps running the next job of the key it just freed for up to
+        ``KEEP_RUNNING`` seconds (no round trip through the worker queue, which many
+        threads contend for); after that the key goes to the back of the queue, so
+        a key with a backlog never keeps a worker from other keys for longer.
+        """
+        if self._inline():
+            return self._run_here(job)
+        held = self._held()
+        started = time.monotonic()
+        current: Optional[Job] = job
+        while current is not None:
+            held.append(current.keys)
+            error: Optional[BaseException] = None
+            try:
+                current.tasks.popleft()()  # a started job has a task, and only its runner takes them
+            except BaseException as exc:
+                error = exc
+            finally:
+                held.pop()
+            with self._lock:
+                if current.tasks:  # more tasks came for the same update: it keeps its place
+                    ready = [current]
+                else:
+                    current.state = _DONE
+                    ready = self._remove(current)
+            current = None
+            if error is None and ready and time.monotonic() - started < KEEP_RUNNING:
+                current = ready.pop(0)
+            for successor in ready:
+                self._start(successor, own=False)
+            if error is not None:
+                raise error
+
+    def _held(self) -> List[Sequence[str]]:
+        held = self._local.__dict__.get("held")
+        if held is None:
+            held = self._local.held = []
+        return held
+
+    def _run_here(self, job: Job) -> None:
+        """``_run`` for a bot without threads: every task of the job here, then its successors."""
+        held = self._held()
+        held.append(job.keys)
+        error: Optional[BaseException] = None
+        ready: List[Job] = []
+        task = job.tasks.popleft()
+        try:
+            while True:
+                try:
+                    task()
+                except BaseException as exc:  # finish the job first; then let telebot see it
+                    if error is None:
+                        error = exc
+                with self._lock:
+                    if not job.tasks:
+                        job.state = _DONE
+                        ready = self._remove(job)
+                        break
+                    task = job.tasks.popleft()
+        finally:
+            held.pop()
+            for successor in ready:
+                self._start(successor, own=False)
+        if error is not None:
+            raise error
+
+
+def commands(*names: str) -> Callable[[Any], bool]:
+    """A ``bypass`` predicate: messages with one of these commands (``"stop"`` for ``/stop``) skip the queue."""
+    wanted = {n.lstrip("/").lower() for n in names}
+
+    def is_command(update: Any) -> bool:
+        text = getattr(update, "text", None)
+        if not isinstance(text, str) or not text.startswith("/"):
+            return False
+        word = text[1:].split(maxsplit=1)[0] if len(text) > 1 else ""
+        return word.split("@", 1)[0].lower() in wanted
+
+    is_command.__name__ = f"commands{tuple(sorted(wanted))!r}"
+    return is_command
