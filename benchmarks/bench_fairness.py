@@ -111,8 +111,6 @@ def child_throughput(mode: str, n: int, store: str) -> Dict[str, Any]:
     try:
         warm = _updates([rng.randrange(100) + 1 for _ in range(500)], start=1)
         timed = _updates([rng.randrange(100) + 1 for _ in range(n)], start=10_000)
-        if os.environ.get("GCFREEZE"):
-            import gc; gc.collect(); gc.freeze()
         bot.process_new_updates(warm)
         for _ in warm:
             finished.acquire()
