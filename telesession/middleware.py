@@ -237,9 +237,12 @@ class BotScheduling:
         """telebot's ``process_new_updates``, after every update took its place in its keys' queues."""
         mine: List[int] = []
         try:
-            batch = [(u, *_content_of(u)) for u in updates]
-            if not self._needs_reservations(batch):
+            if self._plain_messages(updates):
                 batch = []  # telebot dispatches it in arrival order anyway
+            else:
+                batch = [(u, *_content_of(u)) for u in updates]
+                if not self._needs_reservations(batch):
+                    batch = []
             for update, content, update_type in sorted(batch, key=lambda b: getattr(b[0], "update_id", 0) or 0):
                 if content is None:
                     continue
@@ -275,6 +278,16 @@ class BotScheduling:
         """Hand a dispatched batch's jobs to the scheduler; all are queued before any starts."""
         for job in self.scheduler.submit_jobs(jobs):
             self._backlog_full(_Entry(job.content, job.keys, None, job.owners))
+
+    def _plain_messages(self, updates: List[Any]) -> bool:
+        """The common batch, checked cheaply: only messages, no next-step or reply handler registered."""
+        for backend in (getattr(self.bot, "next_step_backend", None), getattr(self.bot, "reply_backend", None)):
+            if backend is not None and getattr(backend, "handlers", True):
+                return False
+        for update in updates:
+            if update.message is None:
+                return False
+        return True
 
     def _needs_reservations(self, batch: List[Tuple[Any, Any, str]]) -> bool:
         """Whether telebot could run this batch's tasks out of arrival order.

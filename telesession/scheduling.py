@@ -53,6 +53,7 @@ class _Guard:
             lock.release()
 
 _PENDING, _RUNNING, _DONE = 0, 1, 2
+_NONE: List["Job"] = []  # no job to start (never appended to)
 
 
 class Job:
@@ -293,6 +294,7 @@ class KeyScheduler:
             return self._run_here(job)
         held = self._held()
         started = time.monotonic()
+        stripes, queues = self._stripes, self._queues
         current: Optional[Job] = job
         while current is not None:
             held.append(current)
@@ -304,12 +306,40 @@ class KeyScheduler:
             finally:
                 held.pop()
             keys = current.keys
-            with (self._stripes[hash(keys[0]) % STRIPES] if len(keys) == 1 else self._guard(keys)):
-                if current.tasks:  # more tasks came for the same update: it keeps its place
-                    ready = [current]
-                else:
-                    current.state = _DONE
-                    ready = self._remove(current)
+            if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
+                key = keys[0]
+                with stripes[hash(key) % STRIPES]:
+                    if current.tasks:  # more tasks came for the same update: it keeps its place
+                        ready = [current]
+                    else:
+                        current.state = _DONE
+                        queue = queues[key]
+                        queue.popleft()
+                        if not queue:
+                            del queues[key]
+                            ready = _NONE
+                        else:
+                            successor = queue[0]
+                            if len(successor.keys) == 1:
+                                successor.waiting -= 1
+                                if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
+                                    successor.state = _RUNNING
+                                    if error is None and time.monotonic() - started < KEEP_RUNNING:
+                                        current = successor  # run it here, no round trip through the pool
+                                        continue
+                                    ready = [successor]
+                                else:
+                                    ready = _NONE
+                            else:
+                                queue.appendleft(current)  # let _remove free the job of several keys
+                                ready = self._remove(current)
+            else:
+                with self._guard(keys):
+                    if current.tasks:
+                        ready = [current]
+                    else:
+                        current.state = _DONE
+                        ready = self._remove(current)
             current = None
             if error is None and ready and time.monotonic() - started < KEEP_RUNNING:
                 current = ready.pop(0)
