@@ -21,7 +21,6 @@ reaches telebot's polling loop.
 """
 import logging
 import threading
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import context
@@ -319,11 +318,12 @@ class BotScheduling:
             if cached[0] is not given:  # telebot passes one list for a whole batch of a type
                 cached = self._ours = (given, [mw for mw in (given or ()) if mw in self.middlewares])
             middlewares = cached[1]
-            run: Callable[[], Any] = partial(self._guarded, task, args, kwargs)
+            fn: Callable[..., Any] = self._guarded
+            fargs: Tuple[Any, ...] = (task, args, kwargs)
         elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
-            run = partial(self._step, middlewares, task, args, kwargs)
+            fn, fargs = self._step, (middlewares, task, args, kwargs)
         else:
             return self._exec_task(task, *args, **kwargs)
         entry = self._entries.get(id(content)) if self._entries else None
@@ -337,20 +337,20 @@ class BotScheduling:
             keys, owners = self.keys_of(content, middlewares)
             job = None
         if not keys:
-            return self._exec_task(run)
+            return self._exec_task(fn, *fargs)
         if not self.bot.threaded and self.scheduler.held_here(keys):
             # a handler dispatching updates of its own key: run inline, re-entering its session
             if job is not None:
                 self.scheduler.cancel(job)
-            return self._exec_task(run)
+            return self._exec_task(fn, *fargs)
         pending = self._pending.__dict__.get("items") if job is None else None
         if pending is not None:  # threaded, inside process_new_updates: submitted together at its end
-            pending.append(Job(keys, run, content, owners))
+            pending.append(Job(keys, fn, fargs, content, owners))
             if len(pending) >= 64:  # a big batch: let the workers start on its beginning
                 self._pending.items = []
                 self._submit_batch(pending)
             return None
-        if not self.scheduler.submit(job, keys, run, content, owners if entry is None else entry.owners):
+        if not self.scheduler.submit(job, keys, fn, content, owners if entry is None else entry.owners, fargs):
             self._backlog_full(entry if entry is not None else _Entry(content, keys, None, owners))
         return None
 

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["KeyScheduler", "Job", "commands", "DEFAULT_MAX_PENDING"]
@@ -59,19 +60,44 @@ _NONE: List["Job"] = []  # no job to start (never appended to)
 class Job:
     """One update's work on the queues of its keys: its tasks run one after another in one thread."""
 
-    __slots__ = ("keys", "tasks", "waiting", "state", "content", "owners")
+    __slots__ = ("keys", "fn", "args", "more", "waiting", "state", "content", "owners")
 
-    def __init__(self, keys: Tuple[str, ...], task: Optional[Callable[[], Any]] = None,
+    def __init__(self, keys: Tuple[str, ...], fn: Optional[Callable[..., Any]] = None, args: Tuple[Any, ...] = (),
                  content: Any = None, owners: Any = None) -> None:
         self.keys = keys
-        self.tasks: Deque[Callable[[], Any]] = deque() if task is None else deque((task,))
+        self.fn = fn  # its first task not yet taken is fn(*args) (no partial per update),
+        self.args = args
+        self.more: Optional[Deque[Callable[[], Any]]] = None  # the tasks after it, oldest first
         self.waiting = 0  # how many of its keys' queues it is not yet first in
         self.state = _PENDING
         self.content = content  # the caller's: the middleware's update,
         self.owners = owners  # and its middlewares, one per key
 
     def __repr__(self) -> str:
-        return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} tasks={len(self.tasks)}>"
+        return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} has_tasks={_has_tasks(self)}>"
+
+
+def _has_tasks(job: Job) -> bool:
+    return job.fn is not None or bool(job.more)
+
+
+def _add_task(job: Job, task: Callable[[], Any]) -> None:
+    """Append ``task`` to the job's tasks (in order: ``fn`` is always older than ``more``)."""
+    if job.fn is None and not job.more:
+        job.fn, job.args = task, ()
+    elif job.more is None:
+        job.more = deque((task,))
+    else:
+        job.more.append(task)
+
+
+def _take(job: Job) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+    """The job's oldest task not yet taken (it has one), as ``(fn, args)``."""
+    fn = job.fn
+    if fn is not None:
+        job.fn = None
+        return fn, job.args
+    return job.more.popleft(), ()  # type: ignore[union-attr]
 
 
 class KeyScheduler:
@@ -135,25 +161,25 @@ class KeyScheduler:
                 return None
         return job
 
-    def submit(self, job: Optional[Job], keys: Tuple[str, ...], task: Callable[[], Any],
-               content: Any = None, owners: Any = None) -> bool:
-        """Run ``task`` as part of ``job`` (a reservation) or of a new job of ``keys``.
+    def submit(self, job: Optional[Job], keys: Tuple[str, ...], task: Callable[..., Any],
+               content: Any = None, owners: Any = None, args: Tuple[Any, ...] = ()) -> bool:
+        """Run ``task(*args)`` as part of ``job`` (a reservation) or of a new job of ``keys``.
 
         It runs now if the job is first in all its queues, else when it gets there.
         ``False`` (and ``task`` dropped) when a key already has ``max_pending`` parked.
         """
         if job is None or job.state == _DONE:
-            return not self.submit_jobs([Job(keys, task, content, owners)])
+            return not self.submit_jobs([Job(keys, task, args, content, owners)])
         with self._guard(job.keys):
             if job.state == _DONE:  # it ended meanwhile: the task is a new job's
                 job = None
             else:
-                job.tasks.append(task)
+                _add_task(job, partial(task, *args) if args else task)
                 start = job.state == _PENDING and job.waiting == 0
                 if start:
                     job.state = _RUNNING
         if job is None:
-            return self.submit(None, keys, task, content, owners)
+            return self.submit(None, keys, task, content, owners, args)
         if start:
             self._start(job, own=True)
         return True
@@ -196,7 +222,7 @@ class KeyScheduler:
     def cancel(self, job: Job) -> None:
         """Give up a reservation that got no task (telebot dropped the update): later jobs move up."""
         with self._guard(job.keys):
-            if job.state != _PENDING or job.tasks:
+            if job.state != _PENDING or _has_tasks(job):
                 return
             job.state = _DONE
             ready = self._remove(job)
@@ -236,13 +262,15 @@ class KeyScheduler:
                 successor = queue[0]
                 if len(successor.keys) == 1:
                     successor.waiting -= 1
-                    if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
+                    if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
                         successor.state = _RUNNING
                         ready.append(successor)
                 else:
                     with self._multi:  # its other keys' stripes are not ours
                         successor.waiting -= 1
-                        if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
+                        if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
                             successor.state = _RUNNING
                             ready.append(successor)
         return ready
@@ -300,7 +328,12 @@ class KeyScheduler:
             held.append(current)
             error: Optional[BaseException] = None
             try:
-                current.tasks.popleft()()  # a started job has a task, and only its runner takes them
+                fn, args = current.fn, current.args  # a started job has a task, and only its runner takes them
+                if fn is not None:
+                    current.fn = None
+                else:
+                    fn, args = current.more.popleft(), ()  # type: ignore[union-attr]
+                fn(*args)
             except BaseException as exc:
                 error = exc
             finally:
@@ -309,7 +342,7 @@ class KeyScheduler:
             if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
                 key = keys[0]
                 with stripes[hash(key) % STRIPES]:
-                    if current.tasks:  # more tasks came for the same update: it keeps its place
+                    if current.fn is not None or current.more:  # more tasks came for the same update: it keeps its place
                         ready = [current]
                     else:
                         current.state = _DONE
@@ -322,7 +355,8 @@ class KeyScheduler:
                             successor = queue[0]
                             if len(successor.keys) == 1:
                                 successor.waiting -= 1
-                                if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
+                                if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
                                     successor.state = _RUNNING
                                     if error is None and time.monotonic() - started < KEEP_RUNNING:
                                         current = successor  # run it here, no round trip through the pool
@@ -335,7 +369,7 @@ class KeyScheduler:
                                 ready = self._remove(current)
             else:
                 with self._guard(keys):
-                    if current.tasks:
+                    if _has_tasks(current):
                         ready = [current]
                     else:
                         current.state = _DONE
@@ -360,20 +394,20 @@ class KeyScheduler:
         held.append(job)
         error: Optional[BaseException] = None
         ready: List[Job] = []
-        task = job.tasks.popleft()
+        task, args = _take(job)
         try:
             while True:
                 try:
-                    task()
+                    task(*args)
                 except BaseException as exc:  # finish the job first; then let telebot see it
                     if error is None:
                         error = exc
                 with self._guard(job.keys):
-                    if not job.tasks:
+                    if not _has_tasks(job):
                         job.state = _DONE
                         ready = self._remove(job)
                         break
-                    task = job.tasks.popleft()
+                    task, args = _take(job)
         finally:
             held.pop()
             for successor in ready:
