@@ -320,6 +320,21 @@ class BotScheduling:
             middlewares = cached[1]
             fn: Callable[..., Any] = self._guarded
             fargs: Tuple[Any, ...] = (task, args, kwargs)
+            if not self._entries and len(middlewares) == 1:  # the common case, kept short
+                mw = middlewares[0]
+                pending = self._pending.__dict__.get("items")
+                if mw.bypass is None and pending is not None:  # threaded, inside process_new_updates
+                    try:
+                        key = mw.sessions.key_of(content)
+                    except Exception:  # pre_process meets it again and reports it to on_error
+                        key = None
+                    if key is None:
+                        return self._exec_task(fn, *fargs)
+                    pending.append(Job((key,), fn, fargs, content, mw.alone))
+                    if len(pending) >= 64:  # a big batch: let the workers start on its beginning
+                        self._pending.items = []
+                        self._submit_batch(pending)
+                    return None
         elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
