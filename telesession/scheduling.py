@@ -106,6 +106,10 @@ class KeyScheduler:
     ``inline()`` says whether ``execute`` runs its task in the calling thread (telebot's
     ``threaded=False``): then the thread that frees a key runs the jobs parked on it,
     one after another, instead of recursing.
+
+    No lock is shared by all keys: a key's queue is guarded by one of ``STRIPES`` locks
+    (by its hash), held for a few dictionary and deque operations, so the dispatching
+    thread and the workers freeing other keys do not queue behind each other.
     """
 
     def __init__(self, execute: Callable[..., Any], inline: Callable[[], bool],
