@@ -193,12 +193,20 @@ def make_messages(chat_ids: Sequence[int]) -> List[types.Message]:
 
 def drain(bot: telebot.TeleBot, timeout: float = 300.0) -> None:
     """Wait for every task queued so far on the bot's pool: one barrier task per worker
-    (telebot's ``tasks.join()`` never returns: its workers never call ``task_done``)."""
-    workers = len(bot.worker_pool.workers)
-    barrier = threading.Barrier(workers + 1, timeout=timeout)
-    for _ in range(workers):
-        bot.worker_pool.put(barrier.wait)
-    barrier.wait()
+    (telebot's ``tasks.join()`` never returns: its workers never call ``task_done``), again
+    while ``sessions.setup(bot)``'s scheduler still has updates parked behind busy keys."""
+    deadline = time.monotonic() + timeout
+    scheduling = bot.__dict__.get("_telesession")
+    while True:
+        workers = len(bot.worker_pool.workers)
+        barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
+        for _ in range(workers):
+            bot.worker_pool.put(barrier.wait)
+        barrier.wait()
+        if scheduling is None or scheduling.scheduler.busy_keys() == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
 
 
 def stop_bot(bot: telebot.TeleBot) -> None:
