@@ -116,7 +116,7 @@ def migration_updates(old: int, new: int, user: int = 9):
 
 def counting_bot(sessions, **options):
     bot = make_bot(**options)
-    sessions.setup(bot, ordered=options.get("threaded", False))
+    sessions.setup(bot)
 
     @bot.message_handler(func=lambda m: m.text is not None)
     def count(message):
