@@ -21,7 +21,6 @@ reaches telebot's polling loop.
 """
 import logging
 import threading
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import context
@@ -87,6 +86,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
                 self.update_types.append(name)
         self.bypass = bypass
         self.installed = False  # set by install(): the bot's task wrapper releases leftovers
+        self.scheduler: Optional[KeyScheduler] = None  # set by install(): the job running knows our key
+        self.alone = (self,)  # the owners of an update only this middleware queues
 
     # -- telebot's hooks ----------------------------------------------------------------
 
@@ -109,12 +110,23 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         try:
             if getattr(update, "migrate_to_chat_id", None) or getattr(update, "migrate_from_chat_id", None):
                 follow_migration(self.sessions, update)  # a group became a supergroup: move its sessions
-            key = self.sessions.key_of(update)
+            key = self._queued_key(update)
             lazy = True if self.bypass is not None and self.bypass(update) else None
             return self.sessions._scope(key, origin=self, lazy=lazy).enter()
         except Exception as exc:  # the session layer (or the key function) cannot serve this update
             self.report(update, exc)
             return None
+
+    def _queued_key(self, update: Any) -> Optional[str]:
+        """The key this update was queued under (computed once, when it was dispatched), else ``key_of``."""
+        scheduler = self.scheduler
+        if scheduler is not None:
+            job = scheduler.current()
+            if job is not None and job.content is update:
+                for key, mw in zip(job.keys, job.owners):
+                    if mw is self:
+                        return key
+        return self.sessions.key_of(update)
 
     def leave(self, update: Any, exception: Optional[BaseException]) -> None:
         """Close the scope ``enter`` opened: save if the handler succeeded, unbind, unlock."""
@@ -164,11 +176,11 @@ class _Entry:
     __slots__ = ("content", "keys", "job", "owners")
 
     def __init__(self, content: Any, keys: Tuple[str, ...], job: Optional[Job],
-                 owners: Dict[str, SessionMiddleware]) -> None:
+                 owners: Tuple[SessionMiddleware, ...]) -> None:
         self.content = content
         self.keys = keys
         self.job = job  # None: a backlog was full, the update is dropped
-        self.owners = owners
+        self.owners = owners  # the middleware of each key
 
 
 class BotScheduling:
@@ -193,15 +205,16 @@ class BotScheduling:
     # -- keys -------------------------------------------------------------------------
 
     def keys_of(self, content: Any, middlewares: Sequence[SessionMiddleware]
-                ) -> Tuple[Tuple[str, ...], Dict[str, SessionMiddleware]]:
-        """The queue keys of an update for these middlewares (none for bypassed updates)."""
+                ) -> Tuple[Tuple[str, ...], Tuple[SessionMiddleware, ...]]:
+        """The queue keys of an update for these middlewares (none for bypassed updates), and
+        the middleware of each key."""
         if len(middlewares) == 1 and middlewares[0].bypass is None:
             mw = middlewares[0]
             try:
                 key = mw.sessions.key_of(content)
             except Exception:  # pre_process meets it again and reports it to on_error
-                return (), {}
-            return ((key,), {key: mw}) if key is not None else ((), {})
+                return (), ()
+            return ((key,), mw.alone) if key is not None else ((), ())
         owners: Dict[str, SessionMiddleware] = {}
         for mw in middlewares:
             try:
@@ -212,7 +225,7 @@ class BotScheduling:
                 continue
             if key is not None and key not in owners:
                 owners[key] = mw
-        return tuple(owners), owners
+        return tuple(owners), tuple(owners.values())
 
     def _for_type(self, update_type: str) -> List[SessionMiddleware]:
         return [mw for mw in self.middlewares if update_type in mw.update_types]
@@ -223,16 +236,19 @@ class BotScheduling:
         """telebot's ``process_new_updates``, after every update took its place in its keys' queues."""
         mine: List[int] = []
         try:
-            batch = [(u, *_content_of(u)) for u in updates]
-            if not self._needs_reservations(batch):
+            if self._plain_messages(updates):
                 batch = []  # telebot dispatches it in arrival order anyway
+            else:
+                batch = [(u, *_content_of(u)) for u in updates]
+                if not self._needs_reservations(batch):
+                    batch = []
             for update, content, update_type in sorted(batch, key=lambda b: getattr(b[0], "update_id", 0) or 0):
                 if content is None:
                     continue
                 keys, owners = self.keys_of(content, self._for_type(update_type))
                 if not keys:
                     continue
-                job = self.scheduler.reserve(keys)
+                job = self.scheduler.reserve(keys, content, owners)
                 entry = _Entry(content, keys, job, owners)
                 self._entries[id(content)] = entry
                 mine.append(id(content))
@@ -257,12 +273,20 @@ class BotScheduling:
                 if left.job is not None:
                     self.scheduler.cancel(left.job)  # telebot never ran it: later updates move up
 
-    def _submit_batch(self, items: List[Tuple[Any, ...]]) -> None:
-        """Hand a dispatched batch's tasks to the scheduler under one lock (no convoy with the workers)."""
-        dropped = self.scheduler.submit_many([(job, keys, run) for job, keys, run, _, _ in items])
-        for i in dropped:
-            _, keys, _, content, owners = items[i]
-            self._backlog_full(_Entry(content, keys, None, owners))
+    def _submit_batch(self, jobs: List[Job]) -> None:
+        """Hand a dispatched batch's jobs to the scheduler; all are queued before any starts."""
+        for job in self.scheduler.submit_jobs(jobs):
+            self._backlog_full(_Entry(job.content, job.keys, None, job.owners))
+
+    def _plain_messages(self, updates: List[Any]) -> bool:
+        """The common batch, checked cheaply: only messages, no next-step or reply handler registered."""
+        for backend in (getattr(self.bot, "next_step_backend", None), getattr(self.bot, "reply_backend", None)):
+            if backend is not None and getattr(backend, "handlers", True):
+                return False
+        for update in updates:
+            if update.message is None:
+                return False
+        return True
 
     def _needs_reservations(self, batch: List[Tuple[Any, Any, str]]) -> bool:
         """Whether telebot could run this batch's tasks out of arrival order.
@@ -294,11 +318,27 @@ class BotScheduling:
             if cached[0] is not given:  # telebot passes one list for a whole batch of a type
                 cached = self._ours = (given, [mw for mw in (given or ()) if mw in self.middlewares])
             middlewares = cached[1]
-            run: Callable[[], Any] = partial(self._guarded, task, args, kwargs)
+            fn: Callable[..., Any] = self._guarded
+            fargs: Tuple[Any, ...] = (task, args, kwargs)
+            if not self._entries and len(middlewares) == 1:  # the common case, kept short
+                mw = middlewares[0]
+                pending = self._pending.__dict__.get("items")
+                if mw.bypass is None and pending is not None:  # threaded, inside process_new_updates
+                    try:
+                        key = mw.sessions.key_of(content)
+                    except Exception:  # pre_process meets it again and reports it to on_error
+                        key = None
+                    if key is None:
+                        return self._exec_task(fn, *fargs)
+                    pending.append(Job((key,), fn, fargs, content, mw.alone))
+                    if len(pending) >= 64:  # a big batch: let the workers start on its beginning
+                        self._pending.items = []
+                        self._submit_batch(pending)
+                    return None
         elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
-            run = partial(self._step, middlewares, task, args, kwargs)
+            fn, fargs = self._step, (middlewares, task, args, kwargs)
         else:
             return self._exec_task(task, *args, **kwargs)
         entry = self._entries.get(id(content)) if self._entries else None
@@ -312,20 +352,20 @@ class BotScheduling:
             keys, owners = self.keys_of(content, middlewares)
             job = None
         if not keys:
-            return self._exec_task(run)
+            return self._exec_task(fn, *fargs)
         if not self.bot.threaded and self.scheduler.held_here(keys):
             # a handler dispatching updates of its own key: run inline, re-entering its session
             if job is not None:
                 self.scheduler.cancel(job)
-            return self._exec_task(run)
-        pending = self._pending.__dict__.get("items")
+            return self._exec_task(fn, *fargs)
+        pending = self._pending.__dict__.get("items") if job is None else None
         if pending is not None:  # threaded, inside process_new_updates: submitted together at its end
-            pending.append((job, keys, run, content, owners if entry is None else entry.owners))
+            pending.append(Job(keys, fn, fargs, content, owners))
             if len(pending) >= 64:  # a big batch: let the workers start on its beginning
                 self._pending.items = []
                 self._submit_batch(pending)
             return None
-        if not self.scheduler.submit(job, keys, run):
+        if not self.scheduler.submit(job, keys, fn, content, owners if entry is None else entry.owners, fargs):
             self._backlog_full(entry if entry is not None else _Entry(content, keys, None, owners))
         return None
 
@@ -378,15 +418,15 @@ class BotScheduling:
 
     def _backlog_full(self, entry: _Entry) -> None:
         scheduler = self.scheduler
-        for key, mw in entry.owners.items():
+        for key, mw in zip(entry.keys, entry.owners):
             if scheduler.backlog(key) > scheduler.max_pending:
                 mw.report(entry.content, BacklogFull(
                     f"session {key!r}: {scheduler.max_pending} updates are already waiting for this key; "
                     "this one was dropped", key, None))
                 return
-        first = next(iter(entry.owners.items()))
-        first[1].report(entry.content, BacklogFull(
-            f"session {first[0]!r}: too many updates waiting for this key; this one was dropped", first[0], None))
+        key, mw = entry.keys[0], entry.owners[0]
+        mw.report(entry.content, BacklogFull(
+            f"session {key!r}: too many updates waiting for this key; this one was dropped", key, None))
 
 
 #: Update fields, the common ones first (an update has exactly one).
@@ -451,6 +491,7 @@ def install(sessions: Any, bot: Any, *, ordered: Optional[bool] = None,
         bot.__dict__["_telesession"] = glue
     else:
         glue.scheduler.max_pending = min(glue.scheduler.max_pending, max_pending)
+    middleware.scheduler = glue.scheduler
     bot.setup_middleware(middleware)
     glue.middlewares.append(middleware)
     return middleware

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["KeyScheduler", "Job", "commands", "DEFAULT_MAX_PENDING"]
@@ -27,22 +28,76 @@ DEFAULT_MAX_PENDING = 1000
 #: How long a worker may keep running one key's parked jobs before handing the key back to the queue.
 KEEP_RUNNING = 0.02
 
+#: Lock stripes: a key's queue is guarded by stripe ``hash(key) % STRIPES``, so threads working
+#: on different keys (the dispatcher parking updates, workers freeing keys) rarely meet on a lock.
+STRIPES = 64
+
+
+class _Guard:
+    """The stripes of a job with several keys, taken in index order (no deadlock), then ``multi``.
+
+    A job of several keys is freed by predecessors under different stripes, so its
+    ``waiting`` count and state also take the scheduler's ``multi`` lock (re-entrant).
+    """
+
+    __slots__ = ("locks",)
+
+    def __init__(self, locks: List[Any]) -> None:
+        self.locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
 _PENDING, _RUNNING, _DONE = 0, 1, 2
+_NONE: List["Job"] = []  # no job to start (never appended to)
 
 
 class Job:
     """One update's work on the queues of its keys: its tasks run one after another in one thread."""
 
-    __slots__ = ("keys", "tasks", "waiting", "state")
+    __slots__ = ("keys", "fn", "args", "more", "waiting", "state", "content", "owners")
 
-    def __init__(self, keys: Sequence[str]) -> None:
-        self.keys = tuple(keys)
-        self.tasks: Deque[Callable[[], Any]] = deque()
+    def __init__(self, keys: Tuple[str, ...], fn: Optional[Callable[..., Any]] = None, args: Tuple[Any, ...] = (),
+                 content: Any = None, owners: Any = None) -> None:
+        self.keys = keys
+        self.fn = fn  # its first task not yet taken is fn(*args) (no partial per update),
+        self.args = args
+        self.more: Optional[Deque[Callable[[], Any]]] = None  # the tasks after it, oldest first
         self.waiting = 0  # how many of its keys' queues it is not yet first in
         self.state = _PENDING
+        self.content = content  # the caller's: the middleware's update,
+        self.owners = owners  # and its middlewares, one per key
 
     def __repr__(self) -> str:
-        return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} tasks={len(self.tasks)}>"
+        return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} has_tasks={_has_tasks(self)}>"
+
+
+def _has_tasks(job: Job) -> bool:
+    return job.fn is not None or bool(job.more)
+
+
+def _add_task(job: Job, task: Callable[[], Any]) -> None:
+    """Append ``task`` to the job's tasks (in order: ``fn`` is always older than ``more``)."""
+    if job.fn is None and not job.more:
+        job.fn, job.args = task, ()
+    elif job.more is None:
+        job.more = deque((task,))
+    else:
+        job.more.append(task)
+
+
+def _take(job: Job) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
+    """The job's oldest task not yet taken (it has one), as ``(fn, args)``."""
+    fn = job.fn
+    if fn is not None:
+        job.fn = None
+        return fn, job.args
+    return job.more.popleft(), ()  # type: ignore[union-attr]
 
 
 class KeyScheduler:
@@ -51,6 +106,10 @@ class KeyScheduler:
     ``inline()`` says whether ``execute`` runs its task in the calling thread (telebot's
     ``threaded=False``): then the thread that frees a key runs the jobs parked on it,
     one after another, instead of recursing.
+
+    No lock is shared by all keys: a key's queue is guarded by one of ``STRIPES`` locks
+    (by its hash), held for a few dictionary and deque operations, so the dispatching
+    thread and the workers freeing other keys do not queue behind each other.
     """
 
     def __init__(self, execute: Callable[..., Any], inline: Callable[[], bool],
@@ -60,73 +119,104 @@ class KeyScheduler:
         self._execute = execute
         self._inline = inline
         self.max_pending = max_pending
-        self._lock = threading.Lock()
+        self._stripes = tuple(threading.Lock() for _ in range(STRIPES))
+        self._multi = threading.RLock()
         self._queues: Dict[str, Deque[Job]] = {}
         self._local = threading.local()
+
+    def _guard(self, keys: Tuple[str, ...]) -> Any:
+        """What guards the queues of ``keys`` and the state of a job of exactly these keys."""
+        stripes = self._stripes
+        if len(keys) == 1:
+            return stripes[hash(keys[0]) % STRIPES]
+        indexes = sorted({hash(k) % STRIPES for k in keys})
+        return _Guard([stripes[i] for i in indexes] + [self._multi])
 
     # -- queries --------------------------------------------------------------------
 
     def busy_keys(self) -> int:
         """Keys with a running or parked job (0 when the bot is idle)."""
-        with self._lock:
-            return len(self._queues)
+        return len(self._queues)
 
     def backlog(self, key: str) -> int:
         """Jobs queued on ``key``, the running one included."""
-        with self._lock:
-            queue = self._queues.get(key)
-            return 0 if queue is None else len(queue)
+        queue = self._queues.get(key)
+        return 0 if queue is None else len(queue)
 
     def held_here(self, keys: Sequence[str]) -> bool:
         """Whether this thread is running a job of one of ``keys`` (a re-entrant dispatch)."""
         held = self._local.__dict__.get("held")
         if not held:
             return False
-        return any(k in running for running in held for k in keys)
+        return any(k in running.keys for running in held for k in keys)
+
+    def current(self) -> Optional[Job]:
+        """The job this thread is running (the innermost), if any."""
+        held = self._local.__dict__.get("held")
+        return held[-1] if held else None
 
     # -- the queue ------------------------------------------------------------------
 
-    def reserve(self, keys: Sequence[str]) -> Optional[Job]:
+    def reserve(self, keys: Tuple[str, ...], content: Any = None, owners: Any = None) -> Optional[Job]:
         """A place in the queues of ``keys`` for an update whose tasks come later; ``None`` if a backlog is full."""
-        job = Job(keys)
-        with self._lock:
+        job = Job(keys, None, content, owners)
+        with self._guard(keys):
             if not self._enqueue(job):
                 return None
         return job
 
-    def submit(self, job: Optional[Job], keys: Sequence[str], task: Callable[[], Any]) -> bool:
-        """Run ``task`` as part of ``job`` (a reservation) or of a new job of ``keys``.
+    def submit(self, job: Optional[Job], keys: Tuple[str, ...], task: Callable[..., Any],
+               content: Any = None, owners: Any = None, args: Tuple[Any, ...] = ()) -> bool:
+        """Run ``task(*args)`` as part of ``job`` (a reservation) or of a new job of ``keys``.
 
         It runs now if the job is first in all its queues, else when it gets there.
         ``False`` (and ``task`` dropped) when a key already has ``max_pending`` parked.
         """
-        with self._lock:
-            if job is None or job.state == _DONE:
-                job = Job(keys)
-                if not self._enqueue(job):
-                    return False
-            job.tasks.append(task)
-            start = job.state == _PENDING and job.waiting == 0
-            if start:
-                job.state = _RUNNING
+        if job is None or job.state == _DONE:
+            return not self.submit_jobs([Job(keys, task, args, content, owners)])
+        with self._guard(job.keys):
+            if job.state == _DONE:  # it ended meanwhile: the task is a new job's
+                job = None
+            else:
+                _add_task(job, partial(task, *args) if args else task)
+                start = job.state == _PENDING and job.waiting == 0
+                if start:
+                    job.state = _RUNNING
+        if job is None:
+            return self.submit(None, keys, task, content, owners, args)
         if start:
             self._start(job, own=True)
         return True
 
-    def submit_many(self, items: Sequence[Tuple[Optional[Job], Sequence[str], Callable[[], Any]]]
-                    ) -> List[int]:
-        """``submit`` for several tasks under one lock; the indexes of those dropped (backlog full)."""
+    def submit_jobs(self, jobs: Sequence[Job]) -> List[Job]:
+        """Queue new jobs (made with their first task), in order; those dropped (a backlog was full).
+
+        Every job takes its place before any is started, so the workers never meet the
+        dispatcher halfway through a batch.  A free key costs one uncontended stripe lock.
+        """
         started: List[Job] = []
-        dropped: List[int] = []
-        with self._lock:
-            for i, (job, keys, task) in enumerate(items):
-                if job is None or job.state == _DONE:
-                    job = Job(keys)
-                    if not self._enqueue(job):
-                        dropped.append(i)
-                        continue
-                job.tasks.append(task)
-                if job.state == _PENDING and job.waiting == 0:
+        dropped: List[Job] = []
+        stripes, queues, limit = self._stripes, self._queues, self.max_pending
+        for job in jobs:
+            keys = job.keys
+            if len(keys) == 1:  # the common case
+                key = keys[0]
+                with stripes[hash(key) % STRIPES]:
+                    queue = queues.get(key)
+                    if queue is None:
+                        queues[key] = deque((job,))
+                        job.state = _RUNNING
+                        started.append(job)
+                    elif len(queue) > limit:
+                        dropped.append(job)
+                    else:
+                        queue.append(job)
+                        job.waiting = 1
+                continue
+            with self._guard(keys):
+                if not self._enqueue(job):
+                    dropped.append(job)
+                elif job.waiting == 0:
                     job.state = _RUNNING
                     started.append(job)
         for job in started:
@@ -135,8 +225,8 @@ class KeyScheduler:
 
     def cancel(self, job: Job) -> None:
         """Give up a reservation that got no task (telebot dropped the update): later jobs move up."""
-        with self._lock:
-            if job.state != _PENDING or job.tasks:
+        with self._guard(job.keys):
+            if job.state != _PENDING or _has_tasks(job):
                 return
             job.state = _DONE
             ready = self._remove(job)
@@ -161,7 +251,7 @@ class KeyScheduler:
         return True
 
     def _remove(self, job: Job) -> List[Job]:
-        """Take ``job`` off its queues (lock held); the jobs that may run now."""
+        """Take ``job`` off its queues (its guard held); the jobs that may run now."""
         ready = []
         for key in job.keys:
             queue = self._queues[key]
@@ -174,10 +264,19 @@ class KeyScheduler:
                 del self._queues[key]
             elif first:
                 successor = queue[0]
-                successor.waiting -= 1
-                if successor.waiting == 0 and successor.state == _PENDING and successor.tasks:
-                    successor.state = _RUNNING
-                    ready.append(successor)
+                if len(successor.keys) == 1:
+                    successor.waiting -= 1
+                    if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
+                        successor.state = _RUNNING
+                        ready.append(successor)
+                else:
+                    with self._multi:  # its other keys' stripes are not ours
+                        successor.waiting -= 1
+                        if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
+                            successor.state = _RUNNING
+                            ready.append(successor)
         return ready
 
     # -- running --------------------------------------------------------------------
@@ -227,22 +326,58 @@ class KeyScheduler:
             return self._run_here(job)
         held = self._held()
         started = time.monotonic()
+        stripes, queues = self._stripes, self._queues
         current: Optional[Job] = job
         while current is not None:
-            held.append(current.keys)
+            held.append(current)
             error: Optional[BaseException] = None
             try:
-                current.tasks.popleft()()  # a started job has a task, and only its runner takes them
+                fn, args = current.fn, current.args  # a started job has a task, and only its runner takes them
+                if fn is not None:
+                    current.fn = None
+                else:
+                    fn, args = current.more.popleft(), ()  # type: ignore[union-attr]
+                fn(*args)
             except BaseException as exc:
                 error = exc
             finally:
                 held.pop()
-            with self._lock:
-                if current.tasks:  # more tasks came for the same update: it keeps its place
-                    ready = [current]
-                else:
-                    current.state = _DONE
-                    ready = self._remove(current)
+            keys = current.keys
+            if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
+                key = keys[0]
+                with stripes[hash(key) % STRIPES]:
+                    if current.fn is not None or current.more:  # more tasks came for the same update: it keeps its place
+                        ready = [current]
+                    else:
+                        current.state = _DONE
+                        queue = queues[key]
+                        queue.popleft()
+                        if not queue:
+                            del queues[key]
+                            ready = _NONE
+                        else:
+                            successor = queue[0]
+                            if len(successor.keys) == 1:
+                                successor.waiting -= 1
+                                if successor.waiting == 0 and successor.state == _PENDING and (
+                            successor.fn is not None or successor.more):
+                                    successor.state = _RUNNING
+                                    if error is None and time.monotonic() - started < KEEP_RUNNING:
+                                        current = successor  # run it here, no round trip through the pool
+                                        continue
+                                    ready = [successor]
+                                else:
+                                    ready = _NONE
+                            else:
+                                queue.appendleft(current)  # let _remove free the job of several keys
+                                ready = self._remove(current)
+            else:
+                with self._guard(keys):
+                    if _has_tasks(current):
+                        ready = [current]
+                    else:
+                        current.state = _DONE
+                        ready = self._remove(current)
             current = None
             if error is None and ready and time.monotonic() - started < KEEP_RUNNING:
                 current = ready.pop(0)
@@ -251,7 +386,7 @@ class KeyScheduler:
             if error is not None:
                 raise error
 
-    def _held(self) -> List[Sequence[str]]:
+    def _held(self) -> List[Job]:
         held = self._local.__dict__.get("held")
         if held is None:
             held = self._local.held = []
@@ -260,23 +395,23 @@ class KeyScheduler:
     def _run_here(self, job: Job) -> None:
         """``_run`` for a bot without threads: every task of the job here, then its successors."""
         held = self._held()
-        held.append(job.keys)
+        held.append(job)
         error: Optional[BaseException] = None
         ready: List[Job] = []
-        task = job.tasks.popleft()
+        task, args = _take(job)
         try:
             while True:
                 try:
-                    task()
+                    task(*args)
                 except BaseException as exc:  # finish the job first; then let telebot see it
                     if error is None:
                         error = exc
-                with self._lock:
-                    if not job.tasks:
+                with self._guard(job.keys):
+                    if not _has_tasks(job):
                         job.state = _DONE
                         ready = self._remove(job)
                         break
-                    task = job.tasks.popleft()
+                    task, args = _take(job)
         finally:
             held.pop()
             for successor in ready:

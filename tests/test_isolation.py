@@ -35,7 +35,9 @@ def test_pool_threads_never_see_another_chats_session(tmp_path):
         drain(bot)
         assert len(seen) == 100
         assert all(chat == owner for _, chat, owner in seen)
-        assert len({(thread, chat) for thread, chat, _ in seen}) > len(chats)  # threads served several chats
+        served = {thread: {c for t, c, _ in seen if t == thread} for thread, _, _ in seen}
+        assert max(len(c) for c in served.values()) > 1  # a pool thread served several chats (a worker
+        # runs one chat's queued updates back to back, so a chat need not move between threads)
 
         # between updates, a pool thread holds no session at all
         leftovers = []
