@@ -248,7 +248,7 @@ class Progress:
             self.enabled = False
         self._bar: Any = None
         if self.enabled:
-            from tqdm import tqdm  # only on a terminal: piped commands never import it
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]  # only on a terminal
 
             try:
                 sized = os.get_terminal_size(stream.fileno()).columns >= 20
