@@ -155,7 +155,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
             logger.exception("on_error of the manager %r raised", self.sessions.name)
 
 
-def _release_leftovers(before: Tuple[Any, ...], origins: Sequence[Any], quiet: bool = True) -> None:
+def _release_leftovers(before: Tuple[Any, ...], origins: Sequence[Any], quiet: bool = True,
+                       update: Any = None) -> None:
     """Release scopes opened by our middlewares since ``before`` whose ``post_process`` never ran."""
     for frame in reversed(context.active_frames()):
         if frame.origin is None or frame.origin not in origins or any(frame is f for f in before):
@@ -166,6 +167,12 @@ def _release_leftovers(before: Tuple[Any, ...], origins: Sequence[Any], quiet: b
         try:
             if frame.owner:
                 frame.handle.abandon()
+        except Exception as exc:  # e.g. the store is down: report it, and release the other frames too
+            report = getattr(frame.origin, "report", None)
+            if report is not None:
+                report(update, exc)
+            else:
+                logger.error("session %r could not be released: %s", frame.handle.key, exc)
         finally:
             context.remove(frame)
 
@@ -385,7 +392,7 @@ class BotScheduling:
             return task(*args, **kwargs)
         finally:
             if context.active_frames() != before:
-                _release_leftovers(before, self.middlewares)
+                _release_leftovers(before, self.middlewares, update=args[0] if args else None)
 
     def _step(self, middlewares: Sequence[SessionMiddleware], callback: Any, args: Any, kwargs: Any) -> Any:
         """A next-step step or reply callback inside the message's sessions (no middleware runs for it)."""

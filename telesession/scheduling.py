@@ -60,7 +60,7 @@ _NONE: List["Job"] = []  # no job to start (never appended to)
 class Job:
     """One update's work on the queues of its keys: its tasks run one after another in one thread."""
 
-    __slots__ = ("keys", "fn", "args", "more", "waiting", "state", "content", "owners")
+    __slots__ = ("keys", "fn", "args", "more", "waiting", "state", "content", "owners", "pinned")
 
     def __init__(self, keys: Tuple[str, ...], fn: Optional[Callable[..., Any]] = None, args: Tuple[Any, ...] = (),
                  content: Any = None, owners: Any = None) -> None:
@@ -72,6 +72,9 @@ class Job:
         self.state = _PENDING
         self.content = content  # the caller's: the middleware's update,
         self.owners = owners  # and its middlewares, one per key
+        #: A reservation keeps its place while its batch is still being dispatched: telebot may
+        #: hand it another task (a reply callback, then the middlewares) after the first ran.
+        self.pinned = False
 
     def __repr__(self) -> str:
         return f"<Job keys={self.keys} state={self.state} waiting={self.waiting} has_tasks={_has_tasks(self)}>"
@@ -159,7 +162,8 @@ class KeyScheduler:
 
     def reserve(self, keys: Tuple[str, ...], content: Any = None, owners: Any = None) -> Optional[Job]:
         """A place in the queues of ``keys`` for an update whose tasks come later; ``None`` if a backlog is full."""
-        job = Job(keys, None, content, owners)
+        job = Job(keys, content=content, owners=owners)
+        job.pinned = True
         with self._guard(keys):
             if not self._enqueue(job):
                 return None
@@ -224,8 +228,10 @@ class KeyScheduler:
         return dropped
 
     def cancel(self, job: Job) -> None:
-        """Give up a reservation that got no task (telebot dropped the update): later jobs move up."""
+        """End a reservation: its batch is dispatched.  One that got no task (telebot dropped the
+        update), or whose tasks all ran, leaves its queues and later jobs move up."""
         with self._guard(job.keys):
+            job.pinned = False
             if job.state != _PENDING or _has_tasks(job):
                 return
             job.state = _DONE
@@ -302,9 +308,10 @@ class KeyScheduler:
             while job is not None:
                 try:
                     self._execute(self._run, job)
-                except Exception as exc:
-                    if job is first and own:
-                        error = exc  # the caller's own update: its exception goes where telebot sends it
+                except BaseException as exc:  # SystemExit too: the jobs it freed must still run
+                    if (job is first and own) or not isinstance(exc, Exception):
+                        if error is None:
+                            error = exc  # the caller's own update: its exception goes where telebot sends it
                     else:
                         logger.error("an update of key %r, run for another thread that had parked it, "
                                      "raised %s: %s", job.keys[0], type(exc).__name__, exc, exc_info=exc)
@@ -348,6 +355,9 @@ class KeyScheduler:
                 with stripes[hash(key) % STRIPES]:
                     if current.fn is not None or current.more:  # more tasks came for the same update: it keeps its place
                         ready = [current]
+                    elif current.pinned:  # its batch may still hand it a task: it keeps its place, idle
+                        current.state = _PENDING
+                        ready = _NONE
                     else:
                         current.state = _DONE
                         queue = queues[key]
@@ -375,6 +385,9 @@ class KeyScheduler:
                 with self._guard(keys):
                     if _has_tasks(current):
                         ready = [current]
+                    elif current.pinned:
+                        current.state = _PENDING
+                        ready = []
                     else:
                         current.state = _DONE
                         ready = self._remove(current)
@@ -408,8 +421,11 @@ class KeyScheduler:
                         error = exc
                 with self._guard(job.keys):
                     if not _has_tasks(job):
-                        job.state = _DONE
-                        ready = self._remove(job)
+                        if job.pinned:  # its batch may still hand it a task: it keeps its place, idle
+                            job.state = _PENDING
+                        else:
+                            job.state = _DONE
+                            ready = self._remove(job)
                         break
                     task, args = _take(job)
         finally:

@@ -17,7 +17,7 @@ from support import drain, hold_key
 from telebot.handler_backends import BaseMiddleware, CancelUpdate
 
 from telesession import BacklogFull, Sessions, keys, session
-from telesession.errors import CorruptSessionError, LockTimeout, SerializationError
+from telesession.errors import CorruptSessionError, LockTimeout, SerializationError, StoreError
 from telesession.scheduling import KeyScheduler, commands
 from telesession.testing import FakeBotAPI, callback_update, message_update
 
@@ -450,3 +450,100 @@ def test_ordered_is_accepted_for_compatibility():
         Sessions(name="other").setup(bot, ordered=False)
     with pytest.raises(TypeError, match="on_error must be a callable"):
         Sessions(on_error="log")
+
+
+# --------------------------------------------------------------------------- review regressions
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "threaded"])
+def test_a_reply_callback_and_the_handlers_of_one_message_stay_ahead_of_the_next_update(tmp_path, threaded):
+    """telebot hands a replied-to message two tasks (its reply callback, then the middlewares):
+    the reservation keeps its place between them, so the next update of the chat runs after both."""
+    bot = telebot.TeleBot(TOKEN, threaded=threaded, num_threads=4, use_class_middlewares=True)
+    sessions = Sessions(f"sqlite:{tmp_path / 's.db'}", initial=lambda: {"seen": []})
+    sessions.setup(bot)
+    order = []
+
+    @bot.message_handler(func=lambda m: True)
+    def handle(message):
+        order.append(("handler", message.text))
+        session["seen"].append(message.text)
+
+    bot.register_for_reply_by_message_id(500, lambda m: order.append(("reply", m.text)))
+    first = message_update("first", chat_id=1, update_id=1)
+    first.message.reply_to_message = telebot.types.Message.de_json(
+        {"message_id": 500, "date": 0, "chat": {"id": 1, "type": "private"}, "text": "q"})
+    bot.process_new_updates([first, message_update("second", chat_id=1, update_id=2)])
+    if threaded:
+        drain(bot)
+    assert order == [("reply", "first"), ("handler", "first"), ("handler", "second")]
+    assert sessions.get("1") == {"seen": ["first", "second"]}
+
+
+def test_a_base_exception_in_an_inline_job_still_runs_the_jobs_it_freed():
+    scheduler = KeyScheduler(lambda fn, *args: fn(*args), lambda: True)
+    ran = []
+
+    def first():
+        ran.append(1)
+        scheduler.submit(None, ("k",), lambda: ran.append(2))  # parked behind this one
+        raise SystemExit("the handler called sys.exit")
+
+    with pytest.raises(SystemExit):
+        scheduler.submit(None, ("k",), first)
+    scheduler.submit(None, ("k",), lambda: ran.append(3))
+    assert ran == [1, 2, 3] and scheduler.busy_keys() == 0
+
+
+def test_a_reservation_keeps_its_update_and_middlewares():
+    scheduler = KeyScheduler(lambda fn, *args: fn(*args), lambda: True)
+    job = scheduler.reserve(("z",), content="UPDATE", owners=("MW",))
+    assert (job.content, job.owners, job.args) == ("UPDATE", ("MW",), ())
+    scheduler.cancel(job)
+    assert scheduler.busy_keys() == 0
+
+
+def test_a_release_that_fails_after_a_cancel_is_reported_and_frees_the_other_managers(tmp_path):
+    bot = telebot.TeleBot(TOKEN, threaded=False, use_class_middlewares=True)
+    errors = []
+    a = Sessions(f"sqlite:{tmp_path / 'a.db'}", name="a", lock_timeout=2)
+    b = Sessions(f"sqlite:{tmp_path / 'b.db'}", name="b", on_error=lambda update, exc: errors.append(exc))
+    a.setup(bot)
+    b.setup(bot)
+
+    class Cancel(BaseMiddleware):
+        update_types = ["message"]
+
+        def pre_process(self, message, data):
+            return CancelUpdate()
+
+        def post_process(self, message, data, exception):
+            pass
+
+    cancel = Cancel()
+    bot.setup_middleware(cancel)
+
+    @bot.message_handler(func=lambda m: True)
+    def handle(message, a, b):
+        a["n"] = a.get("n", 0) + 1
+
+    release = type(b.store).release
+
+    def failing_release(store, key, token):
+        if store is b.store:
+            release(store, key, token)  # the lock is given back, but the store reports a failure
+            raise StoreError("the store went away", key, None)
+        return release(store, key, token)
+
+    type(b.store).release = failing_release
+    try:
+        bot.process_new_updates([message_update("x", chat_id=1, update_id=1)])
+    finally:
+        type(b.store).release = release
+    assert len(errors) == 1 and isinstance(errors[0], StoreError)
+    bot.middlewares.remove(cancel)
+    for update_id in (2, 3, 4):
+        bot.process_new_updates([message_update("x", chat_id=1, update_id=update_id)])
+    assert a.get("1") == {"n": 3}  # saved: no session was left bound to this thread
+    with a.open("1") as s:  # and its lock is free
+        assert s["n"] == 3
