@@ -196,7 +196,8 @@ def _soak(urls: dict, server: RedisServer, tmp_path) -> None:
     stored = Counter()
     for name, url in urls.items():
         sessions = Sessions(url, initial=lambda: {"count": 0})
-        keys = set(sessions.store.keys())
+        keys = set(sessions.keys())  # the manager's keys (its stored keys are "session:KEY")
+        assert set(sessions.store.keys()) == {sessions._stored_key(k) for k in keys}
         assert keys <= set(HOT) | set(COLD)
         for key in keys:
             with sessions.open(key) as s:
