@@ -59,6 +59,7 @@ from telebot import types  # noqa: E402
 from telebot.storage import StateMemoryStorage, StatePickleStorage  # noqa: E402
 
 import telesession  # noqa: E402
+import telesession.testing  # noqa: E402
 from telesession import Sessions, session  # noqa: E402
 from telesession.records import build_record, parse_record  # noqa: E402
 from telesession.stores import MemoryStore, from_url  # noqa: E402
@@ -192,21 +193,8 @@ def make_messages(chat_ids: Sequence[int]) -> List[types.Message]:
 
 
 def drain(bot: telebot.TeleBot, timeout: float = 300.0) -> None:
-    """Wait for every task queued so far on the bot's pool: one barrier task per worker
-    (telebot's ``tasks.join()`` never returns: its workers never call ``task_done``), again
-    while ``sessions.setup(bot)``'s scheduler still has updates parked behind busy keys."""
-    deadline = time.monotonic() + timeout
-    scheduling = bot.__dict__.get("_telesession")
-    while True:
-        workers = len(bot.worker_pool.workers)
-        barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
-        for _ in range(workers):
-            bot.worker_pool.put(barrier.wait)
-        barrier.wait()
-        if scheduling is None or scheduling.scheduler.busy_keys() == 0:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
+    """Wait for every task queued so far on the bot's pool, parked updates included."""
+    telesession.testing.drain(bot, timeout)
 
 
 def stop_bot(bot: telebot.TeleBot) -> None:

@@ -176,6 +176,23 @@ def _read(store: Store, key: str) -> Optional[Tuple[bytes, Any, int, Optional[fl
     return raw, data, version, written
 
 
+def _readable(store: Store, keys: List[str], bar: "Progress", skip_corrupt: bool,
+              skipped: List[CorruptSessionError]) -> Iterator[Tuple[str, Tuple[bytes, Any, int, Optional[float]]]]:
+    """``(key, _read(...))`` of every stored key, advancing ``bar``; an unreadable record raises,
+    or with ``skip_corrupt`` joins ``skipped``."""
+    for key in keys:
+        bar.advance()
+        try:
+            found = _read(store, key)
+        except CorruptSessionError as exc:
+            if not skip_corrupt:
+                raise
+            skipped.append(exc)
+            continue
+        if found is not None:
+            yield key, found
+
+
 @contextmanager
 def _locked(store: Store, key: str, timeout: float) -> Iterator[None]:
     """Hold ``key`` as a handler would: no bot handler runs on it meanwhile."""
@@ -411,18 +428,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             with (atomic_file(args.output) if to_file else _stdout_bytes()) as out, \
                     Progress("export", len(keys)) as bar:
-                for key in keys:
-                    bar.advance()
-                    try:
-                        found = _read(store, key)
-                    except CorruptSessionError as exc:
-                        if not args.skip_corrupt:
-                            raise
-                        skipped.append(exc)
-                        continue
-                    if found is None:
-                        continue
-                    _, data, version, written = found
+                for key, (_, data, version, written) in _readable(store, keys, bar, args.skip_corrupt, skipped):
                     line = _json({"key": key, "version": version, "written": written, "data": data},
                                  separators=(",", ":"))
                     out.write(line.encode("utf-8") + b"\n")
@@ -694,17 +700,7 @@ def _copy(src: Store, dst: Store, keys: List[str], args: argparse.Namespace, src
     copied: Dict[str, bytes] = {}  # key -> SHA-256 of the record copied
     try:
         with Progress("migrate", len(keys)) as bar:
-            for key in keys:
-                bar.advance()
-                try:
-                    found = _read(src, key)
-                except CorruptSessionError as exc:
-                    if not args.skip_corrupt:
-                        raise
-                    skipped.append(exc)
-                    continue
-                if found is None:
-                    continue
+            for key, found in _readable(src, keys, bar, args.skip_corrupt, skipped):
                 raw = found[0]
                 with _locked(dst, key, args.lock_timeout):
                     if not args.overwrite and _differs(dst, key, raw):

@@ -7,29 +7,7 @@ from typing import Any, Iterator, Optional
 
 from telesession import Sessions, session
 from telesession.stores import from_url
-
-
-def drain(bot: Any, timeout: float = 60.0) -> None:
-    """Wait until every task queued on ``bot``'s worker pool so far has finished.
-
-    telebot's ``tasks.join()`` never returns (workers never call ``task_done``), so
-    queue one barrier task per worker: when all of them are inside the barrier,
-    every task queued before them has finished, post_process included.
-    Updates parked on a busy key (``sessions.setup``) reach the pool only when the
-    key frees, so repeat until the bot's scheduler has no busy key left.
-    """
-    deadline = time.monotonic() + timeout
-    scheduling = bot.__dict__.get("_telesession")
-    while True:
-        workers = len(bot.worker_pool.workers)
-        barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
-        for _ in range(workers):
-            bot.worker_pool.put(barrier.wait)
-        barrier.wait()
-        if scheduling is None or scheduling.scheduler.busy_keys() == 0:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
+from telesession.testing import drain  # noqa: F401  (the tests import it from here)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ Example::
             assert api.replies(42) == ["hello"]
 """
 from .api import FakeBotAPI
+from .idle import drain
 from .server import BotAPIError, Call, UploadedFile
 from .updates import (DEFAULT_GROUP_ID, DEFAULT_TOKEN, DEFAULT_USER_ID, UPDATE_KINDS, callback_query_dict,
                       callback_update, chat_dict, inline_query_update, make_callback_query, make_chat,
@@ -32,6 +33,7 @@ from .updates import (DEFAULT_GROUP_ID, DEFAULT_TOKEN, DEFAULT_USER_ID, UPDATE_K
 
 __all__ = [
     "FakeBotAPI",
+    "drain",
     "BotAPIError",
     "Call",
     "UploadedFile",

@@ -29,9 +29,33 @@ On ``close`` the tracker removes its wrappers if they are still the outermost on
 and otherwise leaves them in place as plain pass-throughs.
 """
 import threading
+import time
 from typing import Any, Callable, Dict, List
 
-__all__ = ["IdleTracker"]
+__all__ = ["IdleTracker", "drain"]
+
+
+def drain(bot: Any, timeout: float = 60.0) -> None:
+    """Wait until every task queued on a threaded ``bot``'s worker pool so far has finished.
+
+    telebot's ``tasks.join()`` never returns (workers never call ``task_done``), so
+    queue one barrier task per worker: when all of them are inside the barrier,
+    every task queued before them has finished, post_process included.
+    Updates parked on a busy key (``sessions.setup``) reach the pool only when the
+    key frees, so repeat until the bot's scheduler has no busy key left.
+    """
+    deadline = time.monotonic() + timeout
+    scheduling = bot.__dict__.get("_telesession")
+    while True:
+        workers = len(bot.worker_pool.workers)
+        barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
+        for _ in range(workers):
+            bot.worker_pool.put(barrier.wait)
+        barrier.wait()
+        if scheduling is None or scheduling.scheduler.busy_keys() == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
 
 
 class IdleTracker:
