@@ -711,3 +711,17 @@ def test_wait_until_idle_with_sessions_setup(api: FakeBotAPI, order: str) -> Non
         assert api.replies(chat) == ["your name?", "hello N{}".format(chat)]
         with sessions.open(str(chat)) as s:
             assert s == {"step": "done", "name": "N{}".format(chat)}
+
+
+def test_drain_returns_at_once_for_a_bot_without_threads() -> None:
+    from telesession import Sessions, session
+    from telesession.testing import drain, message_update
+
+    bot = telebot.TeleBot("1:x", threaded=False, use_class_middlewares=True)
+    sessions = Sessions(initial=lambda: {"n": 0})
+    sessions.setup(bot)
+    bot.message_handler(func=lambda m: True)(lambda m: session.__setitem__("n", session["n"] + 1))
+    bot.process_new_updates([message_update(chat_id=5, update_id=i) for i in range(1, 4)])
+    drain(bot, timeout=1.0)  # threaded=False: everything already ran inline; no worker pool to wait for
+    with sessions.open("5") as s:
+        assert s["n"] == 3

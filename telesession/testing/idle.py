@@ -41,11 +41,14 @@ def drain(bot: Any, timeout: float = 60.0) -> None:
     telebot's ``tasks.join()`` never returns (workers never call ``task_done``), so
     queue one barrier task per worker: when all of them are inside the barrier,
     every task queued before them has finished, post_process included.
+    A bot made with ``threaded=False`` ran everything inline: there is nothing to wait for.
     Updates parked on a busy key (``sessions.setup``) reach the pool only when the
     key frees, so repeat until the bot's scheduler has no busy key left.
     """
     deadline = time.monotonic() + timeout
     scheduling = bot.__dict__.get("_telesession")
+    if not getattr(bot, "threaded", True):
+        return
     while True:
         workers = len(bot.worker_pool.workers)
         barrier = threading.Barrier(workers + 1, timeout=max(deadline - time.monotonic(), 0.1))
