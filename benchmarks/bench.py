@@ -199,7 +199,7 @@ def drain(bot: telebot.TeleBot, timeout: float = 300.0) -> None:
 
 def stop_bot(bot: telebot.TeleBot) -> None:
     """Stop the pool's threads without joining (each exits within telebot's 0.5 s poll)."""
-    for worker in bot.worker_pool.workers:
+    for worker in getattr(getattr(bot, "worker_pool", None), "workers", ()):
         worker.stop()
 
 

@@ -197,7 +197,9 @@ class BotScheduling:
         self.bot = bot
         self.middlewares: List[SessionMiddleware] = []
         self._exec_task = bot._exec_task
-        self.scheduler = KeyScheduler(self._exec_task, lambda: not bot.threaded, max_pending)
+        pool = getattr(bot, "worker_pool", None)
+        self.scheduler = KeyScheduler(self._exec_task, lambda: not bot.threaded, max_pending,
+                                      workers=max(len(getattr(pool, "workers", ())), 1))
         self._entries: Dict[int, _Entry] = {}
         self._pending = threading.local()  # threaded bots: the tasks of the batch being dispatched
         self._process_new_updates = bot.process_new_updates

@@ -4,9 +4,11 @@ Every key that has work in this process has a queue (a chain of jobs, as in gram
 runner's ``sequentialize``).  A job is one update's work; it may belong to several
 keys (a chat-level and a user-level manager on one bot) and runs when it is first
 in all of them.  A job whose key is busy is *parked* on the key's queue instead of
-taking a worker thread; when the running job ends, it hands its successors to the
-worker pool (or, on a bot without threads, runs them in the thread that freed the
-key).  A key's queue is dropped as soon as it drains, so memory is bounded by the
+taking a worker thread; when the running job ends, its successor becomes *ready*.
+Ready jobs of all keys wait in one FIFO queue that up to ``workers`` *runner*
+tasks on the bot's worker pool take from, one job after another (no round trip
+through the pool per update); on a bot without threads, the thread that freed a
+key runs the jobs parked on it.  A key's queue is dropped as soon as it drains, so memory is bounded by the
 work in flight, and ``max_pending`` caps what one key may have parked.
 
 This module knows nothing of telebot: ``telesession.middleware`` feeds it.
@@ -25,7 +27,7 @@ logger = logging.getLogger("telesession")
 #: How many updates one key may have parked (waiting behind its running update) by default.
 DEFAULT_MAX_PENDING = 1000
 
-#: How long a worker may keep running one key's parked jobs before handing the key back to the queue.
+#: How long a runner may keep a pool worker before it goes to the back of the pool's queue.
 KEEP_RUNNING = 0.02
 
 #: Lock stripes: a key's queue is guarded by stripe ``hash(key) % STRIPES``, so threads working
@@ -104,7 +106,7 @@ def _take(job: Job) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
 
 
 class KeyScheduler:
-    """Per-key queues of jobs; ``execute(fn, job)`` hands a runnable job to the workers (or runs it).
+    """Per-key queues of jobs; ``execute(fn, *args)`` hands a task to the worker pool (or runs it).
 
     ``inline()`` says whether ``execute`` runs its task in the calling thread (telebot's
     ``threaded=False``): then the thread that frees a key runs the jobs parked on it,
@@ -113,10 +115,11 @@ class KeyScheduler:
     No lock is shared by all keys: a key's queue is guarded by one of ``STRIPES`` locks
     (by its hash), held for a few dictionary and deque operations, so the dispatching
     thread and the workers freeing other keys do not queue behind each other.
+    ``workers`` bounds the runner tasks on the pool at once (the pool's size).
     """
 
     def __init__(self, execute: Callable[..., Any], inline: Callable[[], bool],
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, workers: int = 1) -> None:
         if max_pending < 0:
             raise ValueError("max_pending must be >= 0")
         self._execute = execute
@@ -126,6 +129,11 @@ class KeyScheduler:
         self._multi = threading.RLock()
         self._queues: Dict[str, Deque[Job]] = {}
         self._local = threading.local()
+        #: Threaded bots: jobs that may run now, oldest first, taken by up to ``workers`` runner tasks.
+        self._ready: Deque[Job] = deque()
+        self._runners = 0
+        self._runners_lock = threading.Lock()
+        self.workers = workers
 
     def _guard(self, keys: Tuple[str, ...]) -> Any:
         """What guards the queues of ``keys`` and the state of a job of exactly these keys."""
@@ -223,8 +231,8 @@ class KeyScheduler:
                 elif job.waiting == 0:
                     job.state = _RUNNING
                     started.append(job)
-        for job in started:
-            self._start(job, own=True)
+        if started:
+            self._start_all(started)
         return dropped
 
     def cancel(self, job: Job) -> None:
@@ -289,13 +297,65 @@ class KeyScheduler:
 
     def _start(self, job: Job, own: bool) -> None:
         if not self._inline():
-            self._execute(self._run, job)
+            self._ready.append(job)
+            self._wake(1)
             return
         todo = getattr(self._local, "todo", None)
         if not own and todo is not None:
             todo.append(job)  # the loop in _drain below runs it when the current job is done
             return
         self._drain(job, own)
+
+    def _start_all(self, jobs: List[Job]) -> None:
+        """``_start`` of several jobs: on a threaded bot, one lock for all of them."""
+        if len(jobs) == 1 or self._inline():
+            for job in jobs:
+                self._start(job, own=True)
+            return
+        self._ready.extend(jobs)
+        self._wake(len(jobs))
+
+    def _wake(self, wanted: int) -> None:
+        """Put up to ``wanted`` more runners on the worker pool, as long as fewer than ``workers`` are."""
+        with self._runners_lock:
+            count = min(wanted, self.workers - self._runners)
+            if count <= 0:
+                return
+            self._runners += count
+        for _ in range(count):
+            self._execute(self._runner)
+
+    def _runner(self) -> None:
+        """A worker pool task: run ready jobs one after another until none is left.
+
+        Ready jobs of all keys wait in one FIFO queue, so no key runs twice while another
+        waits.  After ``KEEP_RUNNING`` seconds a runner with work left goes to the back of
+        the pool's queue, so the bot's other tasks (handlers without sessions, listeners)
+        get their turn.  A job that raises ends its runner with that exception, as
+        telebot's worker expects of a task; another runner takes over the queue.
+        """
+        ready, run = self._ready, self._run
+        deadline = time.monotonic() + KEEP_RUNNING
+        while True:
+            try:
+                job = ready.popleft()
+            except IndexError:
+                with self._runners_lock:  # (_wake counts under this lock: no job is left behind)
+                    if not ready:
+                        self._runners -= 1
+                        return
+                continue
+            try:
+                run(job)
+            except BaseException:
+                with self._runners_lock:
+                    self._runners -= 1
+                if ready:
+                    self._wake(1)
+                raise
+            if ready and time.monotonic() > deadline:
+                self._execute(self._runner)  # this runner, to the back of the pool's queue
+                return
 
     def _drain(self, first: Job, own: bool) -> None:
         """Run ``first`` here, then every job it frees, in a loop (no recursion)."""
@@ -307,7 +367,7 @@ class KeyScheduler:
             job: Optional[Job] = first
             while job is not None:
                 try:
-                    self._execute(self._run, job)
+                    self._execute(self._run_here, job)
                 except BaseException as exc:  # SystemExit too: the jobs it freed must still run
                     if (job is first and own) or not isinstance(exc, Exception):
                         if error is None:
@@ -322,82 +382,64 @@ class KeyScheduler:
             raise error
 
     def _run(self, job: Job) -> None:
-        """The worker task: run the job, free its keys, start the jobs behind them.
-
-        A worker keeps running the next job of the key it just freed for up to
-        ``KEEP_RUNNING`` seconds (no round trip through the worker queue, which many
-        threads contend for); after that the key goes to the back of the queue, so
-        a key with a backlog never keeps a worker from other keys for longer.
-        """
-        if self._inline():
-            return self._run_here(job)
+        """Run the job's next task in a runner, free its keys, queue the jobs that may run now."""
         held = self._held()
-        started = time.monotonic()
-        stripes, queues = self._stripes, self._queues
-        current: Optional[Job] = job
-        while current is not None:
-            held.append(current)
-            error: Optional[BaseException] = None
-            try:
-                fn, args = current.fn, current.args  # a started job has a task, and only its runner takes them
-                if fn is not None:
-                    current.fn = None
-                else:
-                    fn, args = current.more.popleft(), ()  # type: ignore[union-attr]
-                fn(*args)
-            except BaseException as exc:
-                error = exc
-            finally:
-                held.pop()
-            keys = current.keys
-            if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
-                key = keys[0]
-                with stripes[hash(key) % STRIPES]:
-                    if current.fn is not None or current.more:  # more tasks came for the same update: it keeps its place
-                        ready = [current]
-                    elif current.pinned:  # its batch may still hand it a task: it keeps its place, idle
-                        current.state = _PENDING
-                        ready = _NONE
-                    else:
-                        current.state = _DONE
-                        queue = queues[key]
-                        queue.popleft()
-                        if not queue:
-                            del queues[key]
-                            ready = _NONE
-                        else:
-                            successor = queue[0]
-                            if len(successor.keys) == 1:
-                                successor.waiting -= 1
-                                if successor.waiting == 0 and successor.state == _PENDING and (
-                            successor.fn is not None or successor.more):
-                                    successor.state = _RUNNING
-                                    if error is None and time.monotonic() - started < KEEP_RUNNING:
-                                        current = successor  # run it here, no round trip through the pool
-                                        continue
-                                    ready = [successor]
-                                else:
-                                    ready = _NONE
-                            else:
-                                queue.appendleft(current)  # let _remove free the job of several keys
-                                ready = self._remove(current)
+        held.append(job)
+        error: Optional[BaseException] = None
+        try:
+            fn, args = job.fn, job.args  # a started job has a task, and only its runner takes them
+            if fn is not None:
+                job.fn = None
             else:
-                with self._guard(keys):
-                    if _has_tasks(current):
-                        ready = [current]
-                    elif current.pinned:
-                        current.state = _PENDING
-                        ready = []
+                fn, args = job.more.popleft(), ()  # type: ignore[union-attr]
+            fn(*args)
+        except BaseException as exc:
+            error = exc
+        finally:
+            held.pop()
+        keys = job.keys
+        freed: List[Job] = _NONE  # jobs of several keys this one freed
+        if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
+            key = keys[0]
+            queues = self._queues
+            with self._stripes[hash(key) % STRIPES]:
+                if job.fn is not None or job.more:  # more tasks came for the same update: it keeps its place
+                    self._ready.append(job)
+                elif job.pinned:  # its batch may still hand it a task: it keeps its place, idle
+                    job.state = _PENDING
+                else:
+                    job.state = _DONE
+                    queue = queues[key]
+                    queue.popleft()
+                    if not queue:
+                        del queues[key]
                     else:
-                        current.state = _DONE
-                        ready = self._remove(current)
-            current = None
-            if error is None and ready and time.monotonic() - started < KEEP_RUNNING:
-                current = ready.pop(0)
-            for successor in ready:
-                self._start(successor, own=False)
-            if error is not None:
-                raise error
+                        successor = queue[0]
+                        if len(successor.keys) == 1:
+                            successor.waiting -= 1
+                            if successor.waiting == 0 and successor.state == _PENDING and (
+                                    successor.fn is not None or successor.more):
+                                successor.state = _RUNNING
+                                self._ready.append(successor)  # this runner (or another) takes it next
+                        else:
+                            queue.appendleft(job)  # let _remove free the job of several keys
+                            freed = self._remove(job)
+            if freed:
+                self._start_all(freed)
+        else:
+            with self._guard(keys):
+                if _has_tasks(job):
+                    ready = [job]
+                elif job.pinned:
+                    job.state = _PENDING
+                    ready = []
+                else:
+                    job.state = _DONE
+                    ready = self._remove(job)
+            if ready:
+                self._start_all(ready)
+        if error is not None:
+            raise error
 
     def _held(self) -> List[Job]:
         held = self._local.__dict__.get("held")

@@ -193,7 +193,7 @@ def test_each_key_keeps_arrival_order_under_eight_workers_and_random_delays(tmp_
 def test_scheduler_alone_runs_a_key_in_order_and_drops_its_queue_when_drained():
     ran, lock = [], threading.Lock()
     pool = ThreadPoolExecutor(4)
-    scheduler = KeyScheduler(lambda fn, job: pool.submit(fn, job), lambda: False, max_pending=100)
+    scheduler = KeyScheduler(lambda fn, *args: pool.submit(fn, *args), lambda: False, max_pending=100, workers=4)
 
     def task(key, i):
         def run():
