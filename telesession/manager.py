@@ -276,6 +276,20 @@ class _Scope(Generic[T]):
         cast(_Frame, self.frame).close(exc_type is None)
 
 
+def _open(manager: "Sessions[Any]", key: Optional[str], origin: Any, lazy: Optional[bool]) -> _Handle:
+    """``_Scope(manager, key, origin, lazy).enter()`` for a middleware, which closes the frame itself.
+
+    With no session bound in this thread and an eager session, the same steps without
+    the scope object and the search for an outer holder.
+    """
+    if key is None or lazy or manager.lazy or context._stack.get():
+        return _Scope(manager, key, origin, lazy).enter()
+    handle = _Handle(manager, manager._stored_key(key))
+    handle.load()
+    context._stack.set((_Frame(manager, handle, origin, True),))
+    return handle
+
+
 def _refuse_coroutine(func: Any) -> None:
     """Async handlers would run after the scope closed: refuse them at decoration time."""
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
@@ -528,9 +542,9 @@ class Sessions(Generic[T]):
             if value is not _EXPIRED:
                 yield stored[n:], value
 
-    def _scope(self, key: Optional[str], origin: Any = None, lazy: Optional[bool] = None) -> "_Scope":
-        """The scope of ``key`` (``None``: no session) opened by ``origin`` (a middleware)."""
-        return _Scope(self, key, origin, lazy)
+    def _enter(self, key: Optional[str], origin: Any = None, lazy: Optional[bool] = None) -> _Handle:
+        """Open the session of ``key`` for ``origin`` (a middleware), which closes its frame."""
+        return _open(self, key, origin, lazy)
 
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""

@@ -112,7 +112,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
                 follow_migration(self.sessions, update)  # a group became a supergroup: move its sessions
             key = self._queued_key(update)
             lazy = True if self.bypass is not None and self.bypass(update) else None
-            return self.sessions._scope(key, origin=self, lazy=lazy).enter()
+            return self.sessions._enter(key, self, lazy)
         except Exception as exc:  # the session layer (or the key function) cannot serve this update
             self.report(update, exc)
             return None
@@ -130,7 +130,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
 
     def leave(self, update: Any, exception: Optional[BaseException]) -> None:
         """Close the scope ``enter`` opened: save if the handler succeeded, unbind, unlock."""
-        for frame in reversed(context.active_frames()):
+        stack = context._stack.get()
+        for frame in (stack if len(stack) == 1 else reversed(stack)):
             if frame.origin is self:
                 try:
                     frame.close(exception is None)
@@ -389,11 +390,12 @@ class BotScheduling:
 
     def _guarded(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Run a middleware task; release what a cancelled update's middlewares left open."""
-        before = context.active_frames()
+        stack = context._stack
+        before = stack.get()
         try:
             return task(*args, **kwargs)
         finally:
-            if context.active_frames() != before:
+            if stack.get() != before:
                 _release_leftovers(before, self.middlewares, update=args[0] if args else None)
 
     def _step(self, middlewares: Sequence[SessionMiddleware], callback: Any, args: Any, kwargs: Any) -> Any:

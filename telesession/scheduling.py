@@ -177,6 +177,44 @@ class KeyScheduler:
                 return None
         return job
 
+    def run_inline(self, key: str, task: Callable[..., Any], args: Tuple[Any, ...], content: Any = None,
+                   owners: Any = None) -> bool:
+        """A bot without threads: run ``task(*args)`` for ``key`` here and now if the key is free
+        and this thread runs no job; ``False`` (nothing done) otherwise, for ``submit``.
+
+        ``submit`` of a new job of one free key does the same in more steps.
+        """
+        local = self._local.__dict__
+        if local.get("held") or local.get("todo") is not None:
+            return False
+        job = Job((key,), None, (), content, owners)
+        job.state = _RUNNING
+        stripe = self._stripes[hash(key) % STRIPES]
+        queues = self._queues
+        with stripe:
+            if key in queues:
+                return False
+            queues[key] = deque((job,))
+        held = local.get("held")
+        if held is None:
+            held = self._local.held = []
+        held.append(job)
+        try:
+            self._execute(task, *args)
+        finally:
+            held.pop()
+            with stripe:
+                job.state = _DONE
+                queue = queues[key]
+                if len(queue) == 1:
+                    del queues[key]
+                    ready = _NONE
+                else:
+                    ready = self._remove(job)  # updates other threads parked meanwhile
+            for successor in ready:
+                self._start(successor, own=False)
+        return True
+
     def submit(self, job: Optional[Job], keys: Tuple[str, ...], task: Callable[..., Any],
                content: Any = None, owners: Any = None, args: Tuple[Any, ...] = ()) -> bool:
         """Run ``task(*args)`` as part of ``job`` (a reservation) or of a new job of ``keys``.
