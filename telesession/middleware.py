@@ -345,6 +345,15 @@ class BotScheduling:
                         self._pending.items = []
                         self._submit_batch(pending)
                     return None
+                if mw.bypass is None and not self.bot.threaded:  # run here if the key is free
+                    try:
+                        key = mw.sessions.key_of(content)
+                    except Exception:  # pre_process meets it again and reports it to on_error
+                        key = None
+                    if key is None:
+                        return self._exec_task(fn, *fargs)
+                    if self.scheduler.run_inline(key, fn, fargs, content, mw.alone):
+                        return None
         elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
