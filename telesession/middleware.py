@@ -21,6 +21,7 @@ reaches telebot's polling loop.
 """
 import logging
 import threading
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import context
@@ -208,6 +209,9 @@ class BotScheduling:
         self._run_func = getattr(type(bot)._run_middlewares_and_handler, "__func__",
                                  type(bot)._run_middlewares_and_handler)
         self._ours: Tuple[Any, List[SessionMiddleware]] = (None, [])
+        #: ``partial(_guarded, task, kwargs)`` for the last (task, kwargs) telebot dispatched
+        self._call: Tuple[Any, Any, Any] = (None, None, None)
+        self._one_key: Dict[str, Tuple[str]] = {}
         bot.process_new_updates = self.process_new_updates
         bot._exec_task = self.exec_task
         bot._handle_exception = self.handle_exception
@@ -328,32 +332,34 @@ class BotScheduling:
             if cached[0] is not given:  # telebot passes one list for a whole batch of a type
                 cached = self._ours = (given, [mw for mw in (given or ()) if mw in self.middlewares])
             middlewares = cached[1]
-            fn: Callable[..., Any] = self._guarded
-            fargs: Tuple[Any, ...] = (task, args, kwargs)
-            if not self._entries and len(middlewares) == 1:  # the common case, kept short
-                mw = middlewares[0]
+            if not self._entries and len(middlewares) == 1 and middlewares[0].bypass is None:
+                mw = middlewares[0]  # the common case, kept short
+                try:
+                    key = mw.sessions.key_of(content)
+                except Exception:  # pre_process meets it again and reports it to on_error
+                    key = None
+                call = self._call
+                if call[0] != task or call[1] != kwargs:  # one per batch of a type: telebot's kwargs repeat
+                    call = self._call = (task, kwargs, partial(self._guarded, task, kwargs))
+                if key is None:
+                    return self._exec_task(call[2], *args)
+                one = self._one_key
+                keys = one.get(key)
+                if keys is None:  # a job holds its keys while it waits: one tuple per recent key
+                    if len(one) >= 4096:
+                        one.clear()
+                    keys = one[key] = (key,)
                 pending = self._pending.__dict__.get("items")
-                if mw.bypass is None and pending is not None:  # threaded, inside process_new_updates
-                    try:
-                        key = mw.sessions.key_of(content)
-                    except Exception:  # pre_process meets it again and reports it to on_error
-                        key = None
-                    if key is None:
-                        return self._exec_task(fn, *fargs)
-                    pending.append(Job((key,), fn, fargs, content, mw.alone))
+                if pending is not None:  # threaded, inside process_new_updates: submitted at its end
+                    pending.append(Job(keys, call[2], args, content, mw.alone))
                     if len(pending) >= 64:  # a big batch: let the workers start on its beginning
                         self._pending.items = []
                         self._submit_batch(pending)
                     return None
-                if mw.bypass is None and not self.bot.threaded:  # run here if the key is free
-                    try:
-                        key = mw.sessions.key_of(content)
-                    except Exception:  # pre_process meets it again and reports it to on_error
-                        key = None
-                    if key is None:
-                        return self._exec_task(fn, *fargs)
-                    if self.scheduler.run_inline(key, fn, fargs, content, mw.alone):
-                        return None
+                if not self.bot.threaded and self.scheduler.run_inline(keys, call[2], args, content, mw.alone):
+                    return None  # ran here: the key was free
+            fn: Callable[..., Any] = self._guarded
+            fargs: Tuple[Any, ...] = (task, kwargs, *args)
         elif args and hasattr(args[0], "chat") and hasattr(args[0], "message_id"):
             content = args[0]  # a next-step step or a reply callback: (message, *args)
             middlewares = self._for_type("message")
@@ -397,7 +403,7 @@ class BotScheduling:
 
     # -- tasks ------------------------------------------------------------------------
 
-    def _guarded(self, task: Any, args: Any, kwargs: Any) -> Any:
+    def _guarded(self, task: Any, kwargs: Any, *args: Any) -> Any:
         """Run a middleware task; release what a cancelled update's middlewares left open."""
         stack = context._stack
         before = stack.get()

@@ -177,17 +177,18 @@ class KeyScheduler:
                 return None
         return job
 
-    def run_inline(self, key: str, task: Callable[..., Any], args: Tuple[Any, ...], content: Any = None,
+    def run_inline(self, keys: Tuple[str], task: Callable[..., Any], args: Tuple[Any, ...], content: Any = None,
                    owners: Any = None) -> bool:
-        """A bot without threads: run ``task(*args)`` for ``key`` here and now if the key is free
-        and this thread runs no job; ``False`` (nothing done) otherwise, for ``submit``.
+        """A bot without threads: run ``task(*args)`` for the one key of ``keys`` here and now if
+        the key is free and this thread runs no job; ``False`` (nothing done) otherwise, for ``submit``.
 
         ``submit`` of a new job of one free key does the same in more steps.
         """
         local = self._local.__dict__
         if local.get("held") or local.get("todo") is not None:
             return False
-        job = Job((key,), None, (), content, owners)
+        key = keys[0]
+        job = Job(keys, None, (), content, owners)
         job.state = _RUNNING
         stripe = self._stripes[hash(key) % STRIPES]
         queues = self._queues

@@ -558,18 +558,18 @@ def test_run_inline_runs_a_free_key_now_and_then_what_other_threads_parked_on_it
         assert go.wait(10)
         ran.append("first")
 
-    runner = threading.Thread(target=scheduler.run_inline, args=("k", first, ()))
+    runner = threading.Thread(target=scheduler.run_inline, args=(("k",), first, ()))
     runner.start()
     assert inside.wait(10)
-    assert not scheduler.run_inline("k", lambda: ran.append("no"), ())  # busy: the caller must submit
+    assert not scheduler.run_inline(("k",), lambda: ran.append("no"), ())  # busy: the caller must submit
     assert scheduler.submit(None, ("k",), lambda: ran.append("parked"))  # parked, returns at once
-    assert scheduler.run_inline("other", lambda: ran.append("other"), ())  # another key runs here, now
+    assert scheduler.run_inline(("other",), lambda: ran.append("other"), ())  # another key runs here, now
     go.set()
     runner.join(10)
     assert ran == ["other", "first", "parked"]  # the thread that freed "k" ran what was parked on it
     with pytest.raises(ZeroDivisionError):
-        scheduler.run_inline("k", lambda: 1 / 0, ())
+        scheduler.run_inline(("k",), lambda: 1 / 0, ())
     assert scheduler.busy_keys() == 0  # a task that raised still freed its key
     nested = []
-    assert scheduler.run_inline("k", lambda: nested.append(scheduler.run_inline("j", lambda: None, ())), ())
+    assert scheduler.run_inline(("k",), lambda: nested.append(scheduler.run_inline(("j",), lambda: None, ())), ())
     assert nested == [False] and scheduler.busy_keys() == 0  # inside a job, updates go through submit
