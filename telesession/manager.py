@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 import weakref
-from typing import (Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union, cast,
-                    overload)
+from typing import (Any, Callable, Dict, Generic, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union,
+                    cast, overload)
 
 from msgspec import DecodeError
 
@@ -67,7 +67,7 @@ class _Handle:
         self.data: Any = None
         self.baseline: Union[bytes, str, None] = None  # bytes for a dict session, str for a typed one
         self.deleted = False
-        self.dropped: List[str] = []  # stored fields the dataclass no longer has
+        self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has (no list per update)
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:
@@ -144,7 +144,7 @@ class _Handle:
             reset_in_place(self.data, fresh)
         self.baseline = m._encode(fresh, cast(str, self.key), self.where)
         self.deleted = True
-        self.dropped = []
+        self.dropped = ()
 
     def close(self, success: bool) -> None:
         """Save if changed (and allowed), then release the lock, whatever happens."""
