@@ -276,7 +276,7 @@ class _Scope(Generic[T]):
         cast(_Frame, self.frame).close(exc_type is None)
 
 
-def _open(manager: "Sessions[Any]", key: Optional[str], origin: Any, lazy: Optional[bool]) -> _Handle:
+def open_for(manager: "Sessions[Any]", key: Optional[str], origin: Any, lazy: Optional[bool]) -> _Handle:
     """``_Scope(manager, key, origin, lazy).enter()`` for a middleware, which closes the frame itself.
 
     With no session bound in this thread and an eager session, the same steps without
@@ -542,9 +542,6 @@ class Sessions(Generic[T]):
             if value is not _EXPIRED:
                 yield stored[n:], value
 
-    def _enter(self, key: Optional[str], origin: Any = None, lazy: Optional[bool] = None) -> _Handle:
-        """Open the session of ``key`` for ``origin`` (a middleware), which closes its frame."""
-        return _open(self, key, origin, lazy)
 
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""

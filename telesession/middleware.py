@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from . import context
 from .chat_moves import follow_migration
+from .context import HandleProxy
 from .errors import BacklogFull, LockTimeout, SerializationError, SessionError, StoreError
+from .manager import open_for
 from .scheduling import DEFAULT_MAX_PENDING, Job, KeyScheduler
 
 __all__ = ["SessionMiddleware", "install", "log_error", "SESSION_FAILURES", "UPDATE_TYPES"]
@@ -98,7 +100,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         handle = self.enter(message)
         if handle is None:
             return CancelUpdate()
-        data[self.sessions.name] = self.sessions._proxy_for(handle)
+        sessions = self.sessions
+        data[sessions.name] = HandleProxy(handle) if sessions.dataclass is None else sessions._proxy_for(handle)
         return None
 
     def post_process(self, message: Any, data: dict, exception: Optional[BaseException]) -> None:
@@ -113,7 +116,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
                 follow_migration(self.sessions, update)  # a group became a supergroup: move its sessions
             key = self._queued_key(update)
             lazy = True if self.bypass is not None and self.bypass(update) else None
-            return self.sessions._enter(key, self, lazy)
+            return open_for(self.sessions, key, self, lazy)
         except Exception as exc:  # the session layer (or the key function) cannot serve this update
             self.report(update, exc)
             return None
@@ -124,6 +127,8 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         if scheduler is not None:
             job = scheduler.current()
             if job is not None and job.content is update:
+                if job.owners is self.alone:
+                    return job.keys[0]
                 for key, mw in zip(job.keys, job.owners):
                     if mw is self:
                         return key
@@ -131,14 +136,26 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
 
     def leave(self, update: Any, exception: Optional[BaseException]) -> None:
         """Close the scope ``enter`` opened: save if the handler succeeded, unbind, unlock."""
-        stack = context._stack.get()
-        for frame in (stack if len(stack) == 1 else reversed(stack)):
-            if frame.origin is self:
-                try:
-                    frame.close(exception is None)
-                except Exception as exc:  # the save failed: nothing was written
-                    self.report(update, exc)
-                break
+        bound = context._stack
+        stack = bound.get()
+        if len(stack) == 1 and stack[0].origin is self and stack[0].owner:  # the usual case, in fewer calls
+            try:
+                stack[0].handle.close(exception is None)
+            except Exception as exc:  # the save failed: nothing was written
+                self.report(update, exc)
+            finally:
+                if bound.get() is stack:
+                    bound.set(())
+                else:
+                    context.remove(stack[0])
+        else:
+            for frame in reversed(stack):
+                if frame.origin is self:
+                    try:
+                        frame.close(exception is None)
+                    except Exception as exc:  # the save failed: nothing was written
+                        self.report(update, exc)
+                    break
         if exception is not None and isinstance(exception, SESSION_FAILURES):  # a lazy load inside the handler failed
             self.report(update, exception)
 

@@ -422,7 +422,9 @@ class KeyScheduler:
 
     def _run(self, job: Job) -> None:
         """Run the job's next task in a runner, free its keys, queue the jobs that may run now."""
-        held = self._held()
+        held = self._local.__dict__.get("held")
+        if held is None:
+            held = self._local.held = []
         held.append(job)
         error: Optional[BaseException] = None
         try:
