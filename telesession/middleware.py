@@ -361,19 +361,19 @@ class BotScheduling:
                 if key is None:
                     return self._exec_task(call[2], *args)
                 one = self._one_key
-                keys = one.get(key)
-                if keys is None:  # a job holds its keys while it waits: one tuple per recent key
+                key_tuple = one.get(key)
+                if key_tuple is None:  # a job holds its keys while it waits: one tuple per recent key
                     if len(one) >= 4096:
                         one.clear()
-                    keys = one[key] = (key,)
+                    key_tuple = one[key] = (key,)
                 pending = self._pending.__dict__.get("items")
                 if pending is not None:  # threaded, inside process_new_updates: submitted at its end
-                    pending.append(Job(keys, call[2], args, content, mw.alone))
+                    pending.append(Job(key_tuple, call[2], args, content, mw.alone))
                     if len(pending) >= 64:  # a big batch: let the workers start on its beginning
                         self._pending.items = []
                         self._submit_batch(pending)
                     return None
-                if not self.bot.threaded and self.scheduler.run_inline(keys, call[2], args, content, mw.alone):
+                if not getattr(self.bot, "threaded", True) and self.scheduler.run_inline(key_tuple, call[2], args, content, mw.alone):
                     return None  # ran here: the key was free
             fn: Callable[..., Any] = self._guarded
             fargs: Tuple[Any, ...] = (task, kwargs, *args)

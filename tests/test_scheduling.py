@@ -573,3 +573,54 @@ def test_run_inline_runs_a_free_key_now_and_then_what_other_threads_parked_on_it
     nested = []
     assert scheduler.run_inline(("k",), lambda: nested.append(scheduler.run_inline(("j",), lambda: None, ())), ())
     assert nested == [False] and scheduler.busy_keys() == 0  # inside a job, updates go through submit
+
+
+def test_runners_share_one_ready_queue_yield_to_other_pool_tasks_and_survive_a_raising_job():
+    pool = ThreadPoolExecutor(1)  # one worker: the runner and the bot's other tasks take turns on it
+    futures = []
+    scheduler = KeyScheduler(lambda fn, *args: futures.append(pool.submit(fn, *args)), lambda: False, workers=1)
+    done, other_ran_after = [], []
+
+    def job(i):
+        def run():
+            time.sleep(0.005)
+            done.append(i)
+            if i == 3:
+                raise RuntimeError("a handler error telebot's worker would see")
+        return run
+
+    first_started = threading.Event()
+    scheduler.submit(None, ("k0",), lambda: (first_started.set(), time.sleep(0.005), done.append(0)))
+    assert first_started.wait(10)
+    futures.append(pool.submit(lambda: other_ran_after.append(len(done))))  # queued behind the runner
+    for i in range(1, 20):
+        scheduler.submit(None, (f"k{i}",), job(i))
+    deadline = time.monotonic() + 30
+    while (len(done) < 20 or scheduler.busy_keys()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(done) == list(range(20)) and scheduler.busy_keys() == 0  # nothing stranded by the error
+    assert other_ran_after and other_ran_after[0] < 19  # the runner went to the back of the pool after 20 ms
+    assert sum(1 for f in list(futures) if f.exception() is not None) == 1  # the error ended its runner
+    pool.shutdown(wait=True)
+
+
+def test_no_more_runners_than_workers_run_at_once():
+    pool = ThreadPoolExecutor(6)
+    scheduler = KeyScheduler(lambda fn, *args: pool.submit(fn, *args), lambda: False, workers=2)
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def job():
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002)
+        with lock:
+            running[0] -= 1
+
+    for i in range(40):
+        scheduler.submit(None, (f"k{i}",), job)
+    deadline = time.monotonic() + 30
+    while scheduler.busy_keys() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.shutdown(wait=True)
+    assert scheduler.busy_keys() == 0 and peak[0] == 2  # two runners in parallel, never more
