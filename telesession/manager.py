@@ -67,7 +67,7 @@ class _Handle:
         self.data: Any = None
         self.baseline: Union[bytes, str, None] = None  # bytes for a dict session, str for a typed one
         self.deleted = False
-        self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has (no list per update)
+        self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
 
     def value(self) -> Any:

@@ -373,7 +373,8 @@ class BotScheduling:
                         self._pending.items = []
                         self._submit_batch(pending)
                     return None
-                if not getattr(self.bot, "threaded", True) and self.scheduler.run_inline(key_tuple, call[2], args, content, mw.alone):
+                if not getattr(self.bot, "threaded", True) and self.scheduler.run_inline(
+                        key_tuple, call[2], args, content, mw.alone):
                     return None  # ran here: the key was free
             fn: Callable[..., Any] = self._guarded
             fargs: Tuple[Any, ...] = (task, kwargs, *args)
