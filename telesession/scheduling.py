@@ -8,8 +8,9 @@ taking a worker thread; when the running job ends, its successor becomes *ready*
 Ready jobs of all keys wait in one FIFO queue that up to ``workers`` *runner*
 tasks on the bot's worker pool take from, one job after another (no round trip
 through the pool per update); on a bot without threads, the thread that freed a
-key runs the jobs parked on it.  A key's queue is dropped as soon as it drains, so memory is bounded by the
-work in flight, and ``max_pending`` caps what one key may have parked.
+key runs the jobs parked on it.  A key's queue is dropped as soon as it drains, so
+memory is bounded by the work in flight, and ``max_pending`` caps what one key may
+have parked.
 
 This module knows nothing of telebot: ``telesession.middleware`` feeds it.
 """
@@ -361,14 +362,19 @@ class KeyScheduler:
             if count <= 0:
                 return
             self._runners += count
-        for _ in range(count):
-            self._execute(self._runner)
+        for started in range(count):
+            try:
+                self._execute(self._runner)
+            except BaseException:  # the pool refused it: no runner is counted that does not exist
+                with self._runners_lock:
+                    self._runners -= count - started
+                raise
 
     def _runner(self) -> None:
         """A worker pool task: run ready jobs one after another until none is left.
 
-        Ready jobs of all keys wait in one FIFO queue, so no key runs twice while another
-        waits.  After ``KEEP_RUNNING`` seconds a runner with work left goes to the back of
+        Ready jobs of all keys wait in one FIFO queue, so a key with a backlog gets one turn
+        per round, like every other key.  After ``KEEP_RUNNING`` seconds a runner with work left goes to the back of
         the pool's queue, so the bot's other tasks (handlers without sessions, listeners)
         get their turn.  A job that raises ends its runner with that exception, as
         telebot's worker expects of a task; another runner takes over the queue.
@@ -393,7 +399,12 @@ class KeyScheduler:
                     self._wake(1)
                 raise
             if ready and time.monotonic() > deadline:
-                self._execute(self._runner)  # this runner, to the back of the pool's queue
+                try:
+                    self._execute(self._runner)  # this runner, to the back of the pool's queue
+                except BaseException:
+                    with self._runners_lock:
+                        self._runners -= 1
+                    raise
                 return
 
     def _drain(self, first: Job, own: bool) -> None:
