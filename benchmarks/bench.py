@@ -1174,6 +1174,9 @@ def _mp_worker(conn: Any) -> None:
         if message[0] == "quit":
             break
         _, url, names, hot, hot_share, seed = message
+        if url.startswith("raw-"):
+            _mp_raw(conn, url, names, hot, hot_share, seed)
+            continue
         try:
             sessions = managers.get(url)
             if sessions is None:
@@ -1204,6 +1207,61 @@ def _mp_worker(conn: Any) -> None:
             conn.send(("error", short_reason(exc)))
 
 
+def _mp_raw(conn: Any, url: str, names: List[str], hot: str, hot_share: float, seed: int) -> None:
+    """``_mp_worker`` for the floors: the same increments with bare ``sqlite3`` on the same table,
+    no lock but SQLite's. ``raw-txn:`` runs ``BEGIN IMMEDIATE; SELECT; UPDATE; COMMIT``;
+    ``raw-auto:`` a ``SELECT``, then ``UPDATE ... WHERE record=?`` (SQLiteStore's two autocommit
+    statements), again from the read when another process changed the row in between."""
+    mode, path = url.split(":", 1)
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=60, check_same_thread=False)
+        db.execute("PRAGMA synchronous=NORMAL")
+        decode, encode = msgspec.json.decode, msgspec.json.encode
+        rng = random.Random(seed)
+        keys = ["session:" + n for n in names]  # the stored keys of a default manager
+        hot_key = "session:" + hot
+
+        def increment(key: str) -> None:
+            while True:
+                if mode == "raw-txn":
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        record = decode(db.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0])
+                        record["data"]["count"] += 1
+                        db.execute("UPDATE sessions SET record=?, written=? WHERE key=?",
+                                   (encode(record), time.time(), key))
+                        db.execute("COMMIT")
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                    return
+                raw = db.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0]
+                record = decode(raw)
+                record["data"]["count"] += 1
+                if db.execute("UPDATE sessions SET record=?, written=? WHERE key=? AND record=?",
+                              (encode(record), time.time(), key, raw)).rowcount == 1:
+                    return
+
+        increment(rng.choice(keys))  # warm-up
+        conn.send(("ready",))
+        _, start_at, duration = conn.recv()
+        while time.monotonic() < start_at:
+            pass
+        start, cpu0 = time.monotonic(), time.process_time()
+        end_at = start_at + duration
+        ops = hot_ops = 0
+        choice, rand = rng.choice, rng.random
+        while time.monotonic() < end_at:
+            is_hot = rand() < hot_share
+            increment(hot_key if is_hot else choice(keys))
+            ops += 1
+            hot_ops += is_hot
+        db.close()
+        conn.send(("done", start, time.monotonic(), ops, hot_ops, 0, 1, time.process_time() - cpu0))
+    except Exception as exc:  # noqa: BLE001
+        conn.send(("error", short_reason(exc)))
+
+
 def section_multiprocess(env: Env) -> None:
     plan = env.plan
     ctx = multiprocessing.get_context("spawn")
@@ -1215,7 +1273,8 @@ def section_multiprocess(env: Env) -> None:
         proc = ctx.Process(target=_mp_worker, args=(child,), daemon=True)
         proc.start()
         workers.append((proc, parent))
-    stores = [("sqlite NORMAL", "sqlite"), ("json fsync", "json"), ("redis", "redis")]
+    stores = [("sqlite NORMAL", "sqlite"), ("raw sqlite3, two statements (floor)", "raw-auto"),
+              ("raw sqlite3, BEGIN IMMEDIATE (floor)", "raw-txn"), ("json fsync", "json"), ("redis", "redis")]
     results: Dict[str, Any] = {}
     hot_share = 0.2
     try:
@@ -1227,6 +1286,8 @@ def section_multiprocess(env: Env) -> None:
                 url = f"{env.redis.url}?prefix=bench-mp:"
             elif kind == "sqlite":
                 url = "sqlite:" + os.path.join(env.fresh_dir("mp-sqlite"), "sessions.db")
+            elif kind.startswith("raw-"):
+                url = "sqlite:" + os.path.join(env.fresh_dir("mp-" + kind), "sessions.db")
             else:
                 url = "json:" + os.path.join(env.fresh_dir("mp-json"), "sessions")
             try:
@@ -1243,8 +1304,13 @@ def section_multiprocess(env: Env) -> None:
                     names = [f"{tag}{i}" for i in range(plan.mp_keys)]
                     hot = tag + "hot"
                     log(f"[6] {name}: {procs} process(es), run {rep + 1}/{plan.mp_reps}")
+                    probe = Sessions(verifier)  # only for its namespace: the workers' managers use the default
+                    target = url
+                    if kind.startswith("raw-"):  # the floors update existing rows
+                        prefill(verifier, [stored_key(probe, k) for k in names + [hot]])
+                        target = f"{kind}:{verifier.path}"
                     for i in range(procs):
-                        workers[i][1].send(("run", url, names, hot, hot_share, 1000 * rep + i))
+                        workers[i][1].send(("run", target, names, hot, hot_share, 1000 * rep + i))
                     replies = [workers[i][1].recv() for i in range(procs)]
                     failed = [r for r in replies if r[0] != "ready"]
                     if failed:
@@ -1260,7 +1326,6 @@ def section_multiprocess(env: Env) -> None:
                     hot_ops = sum(r[4] for r in done)
                     wall = max(r[2] for r in done) - min(r[1] for r in done)
                     warm = sum(r[6] for r in done)
-                    probe = Sessions(verifier)  # only for its namespace: the workers' managers use the default
                     counts = {k: v for k, v in zip(names + [hot], counts_of(
                         verifier, [stored_key(probe, k) for k in names + [hot]]).values())}
                     runs.append({"ops": ops, "rate": ops / wall, "wall_s": wall, "errors": sum(r[5] for r in done),
@@ -1296,6 +1361,12 @@ def section_multiprocess(env: Env) -> None:
         cpu_many = [r["cpu_s"] for r in many["runs"] if r.get("cpu_s")]
         cpu = (f"; CPU used {median(cpu_many) / plan.mp_duration_s:.2f} vs {median(cpu_one) / plan.mp_duration_s:.2f}"
                f" cores" if cpu_one and cpu_many else "")
+        for floor_name, label in (("raw sqlite3, two statements (floor)", "bare two statements"),
+                                  ("raw sqlite3, BEGIN IMMEDIATE (floor)", "bare BEGIN IMMEDIATE")):
+            floor = results.get(floor_name, {})
+            if procs in floor and plan.mp_procs[0] in floor:
+                cpu += (f"; {label}: " + fmt_ratio(median([m["rate"] / o["rate"] for o, m in zip(
+                    floor[plan.mp_procs[0]]["runs"], floor[procs]["runs"])])))
         target_row(env, "6 processes", what, many["rate"], "updates/s", f"1 process {fmt_rate(one['rate'])}/s",
                    ratio, ">= 1.0x", ratio >= 1.0 and many["exact"],
                    f"{plan.mp_keys} keys + a hot key with {hot_share:.0%} of updates; "
@@ -1308,22 +1379,31 @@ def section_multiprocess(env: Env) -> None:
         one = per.get(plan.mp_procs[0], {}).get("rate")
         row = [name]
         checks = []
+        cpu_per_update = []
         for procs in plan.mp_procs:
             r = per[procs]
             row += [fmt_rate(r["rate"]), fmt_ratio(r["rate"] / one) if one else "-"]
             checks.append("exact" if r["exact"] else f"{r['total'] - r['expected']:+,} off")
             if r["errors"]:
                 checks[-1] += f" ({r['errors']} errors)"
+            per_op = [run["cpu_s"] / run["ops"] * 1e6 for run in r["runs"] if run.get("cpu_s") and run["ops"]]
+            cpu_per_update.append(f"{median(per_op):.0f}" if per_op else "-")
+        row.append(" / ".join(cpu_per_update))
         row.append(", ".join(sorted(set(checks))) if len(set(checks)) == 1 else " / ".join(checks))
         rows.append(row)
     headers = ["store"]
     for procs in plan.mp_procs:
         headers += [f"{procs} proc/s", f"x{procs}"]
+    headers.append("CPU us/update")
     table(f"6. Several processes on one store: aggregate increments/s ({plan.mp_keys} shared keys + one hot key "
           f"taking {hot_share:.0%} of ops; {plan.mp_duration_s:g} s per run, median of {plan.mp_reps})",
           headers + ["totals"], rows,
           [f"xN: aggregate vs 1 process (this machine has {os.cpu_count()} cores); totals: sum of counts and "
-           "the hot key's count == increments done."])
+           "the hot key's count == increments done; CPU us/update: the processes' CPU time per update "
+           f"at {' / '.join(str(p) for p in plan.mp_procs)} processes.",
+           "floors: the same increments with bare sqlite3 on the same table and no lock but SQLite's: "
+           "BEGIN IMMEDIATE; SELECT; UPDATE; COMMIT (processes take turns whole transactions), or a SELECT "
+           "then UPDATE ... WHERE record=? (SQLiteStore's two statements, retried when the row changed)."])
 
 
 # ---------------------------------------------------------------------------------------
