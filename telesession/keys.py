@@ -72,8 +72,8 @@ def _scoped(update: Any, key: str) -> str:
 def by_chat(update: Any) -> Optional[str]:
     """One session per chat (the default); updates without a chat fall back to their user."""
     chat = getattr(update, "chat", None)
-    if chat is not None and getattr(update, "business_connection_id", None) is None and \
-            getattr(update, "message", None) is None:
+    if chat is not None and chat.id is not None and getattr(update, "business_connection_id", None) is None \
+            and getattr(update, "message", None) is None:
         return str(chat.id)  # the usual message: chat_id_of and _scoped in one step
     chat_id = chat_id_of(update)
     if chat_id is None:

@@ -542,7 +542,6 @@ class Sessions(Generic[T]):
             if value is not _EXPIRED:
                 yield stored[n:], value
 
-
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""
         key = self.key(update)
