@@ -55,3 +55,11 @@ def test_package_is_typed():
                            "-p", "telesession"], capture_output=True, text=True, timeout=300,
                           cwd=str(__import__("pathlib").Path(telesession.__file__).parent.parent))
     assert done.returncode == 0, done.stdout
+
+
+def test_version_matches_the_installed_distribution():
+    import importlib.metadata
+
+    import telesession
+
+    assert telesession.__version__ == importlib.metadata.version("telesession")
