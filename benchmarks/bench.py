@@ -596,6 +596,52 @@ def sqlite_rmw(path: str, synchronous: str, keys: Sequence[str]) -> Tuple[Callab
     return cycler(rmw, templates), conn
 
 
+def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
+    """What ``MemoryStore`` + ``with_session`` do for one increment, written as one function:
+    key, key lock, load, decode, bind, handler, encode, read-back check, change detection,
+    record, save, unlock, with the store's internals inlined, and none of the library's
+    structure (``Store`` protocol calls, key checks, re-entrance, ``ttl``, versions, typed
+    sessions).  It shows what the steps cost and what the structure adds to them."""
+    from telesession import context as session_context
+    from telesession.locking import _allocate_lock, _get_ident
+    from telesession.manager import _LOADED, _Frame, _Handle
+    from telesession.records import RECORD_US, _decode_record, _msgspec_decode, _msgspec_encode
+
+    sessions = Sessions(MemoryStore(), initial=lambda: {"count": 0})
+    store = sessions.store
+    for key in keys:
+        with sessions.open(key) as data:
+            data["count"] = 1  # (a session equal to initial() is not stored)
+    entries = store._thread_locks()._entries
+    records, stack = store._records, session_context._stack
+    namespace = sessions._namespace
+
+    def increment(message: Any) -> None:
+        key = namespace + str(message.chat.id)
+        lock = _allocate_lock()
+        lock.acquire()
+        entry = [lock, _get_ident(), 1]
+        if entries.setdefault(key, entry) is not entry:
+            raise RuntimeError("key busy")
+        data = _decode_record(records[key]).data
+        baseline = _msgspec_encode(data)
+        handle = _Handle(sessions, key)
+        handle.data, handle.state = data, _LOADED
+        stack.set((_Frame(sessions, handle, None, True),))
+        session["count"] += 1
+        text = _msgspec_encode(data)
+        if _msgspec_decode(text) != data:
+            raise ValueError("would not read back equal")
+        if text != baseline:
+            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
+            records[key] = RECORD_US % (0, seconds, us, _msgspec_encode(key), text)
+        stack.set(())
+        del entries[key]
+        lock.release()
+
+    return increment
+
+
 def section_micro(env: Env) -> None:
     plan = env.plan
     chat_ids = [1_000_001 + i for i in range(plan.keys)]
@@ -652,6 +698,7 @@ def section_micro(env: Env) -> None:
         floor_dict[str(message.chat.id)]["count"] += 1
 
     cases.append(("floor dict", cycler(dict_increment, messages)))
+    cases.append(("floor inlined memory", cycler(inlined_memory_increment(keys), messages)))
     cases.append(("floor atomic fsync", atomic_writer(env.fresh_dir("floor-fsync"), True, keys)))
     cases.append(("floor atomic no-fsync", atomic_writer(env.fresh_dir("floor-nofsync"), False, keys)))
     for sync in ("NORMAL", "FULL", "OFF"):
@@ -662,7 +709,8 @@ def section_micro(env: Env) -> None:
     cleanup.append(conn.close)
     cases.append(("floor sqlite rmw NORMAL", run))
 
-    order = ["plain/ro", "plain/rmw", "floor dict", "memory/", "StateMemoryStorage/", "floor atomic fsync",
+    order = ["plain/ro", "plain/rmw", "floor dict", "floor inlined memory", "memory/", "StateMemoryStorage/",
+             "floor atomic fsync",
              "json fsync/", "floor atomic no-fsync", "json no-fsync/", "shelve/", "StatePickleStorage/",
              "floor sqlite NORMAL", "floor sqlite rmw NORMAL", "sqlite NORMAL/", "floor sqlite FULL", "sqlite FULL/", "floor sqlite OFF",
              "sqlite OFF/", "redis/"]
@@ -715,6 +763,8 @@ def report_micro(env: Env, med: Dict[str, float], samples: Dict[str, List[float]
     # section 3: floors and targets
     targets = []
     floors = [["bare dict increment", fmt_us(med["floor dict"])],
+              ["MemoryStore's steps inlined in one function (session bound, checked, recorded)",
+               fmt_us(med["floor inlined memory"] - med["plain/rmw"])],
               ["bare atomic write, fsync", fmt_us(med["floor atomic fsync"])],
               ["bare atomic write, no fsync", fmt_us(med["floor atomic no-fsync"])]]
     for sync in ("NORMAL", "FULL", "OFF"):
@@ -758,6 +808,10 @@ def report_micro(env: Env, med: Dict[str, float], samples: Dict[str, List[float]
                    "<= 1.0x", ok, "lock, private copy, change detection, read-back check kept; paired rounds")
         targets.append(["memory vs bare dict", fmt_us(mem), fmt_us(med["floor dict"]),
                         fmt_ratio(paired("memory/rmw", "floor dict")), "(info: floor)", "info"])
+        inlined = [i - q for i, q in zip(samples["floor inlined memory"], samples["plain/rmw"])]
+        targets.append(["every step inlined in one function vs StateMemoryStorage", fmt_us(median(inlined)),
+                        fmt_us(median(peer_over)), fmt_ratio(median([i / p for i, p in zip(inlined, peer_over)])),
+                        "(info: what the structure adds)", "info"])
     target("json fsync increment", "json fsync", "floor atomic fsync", 1.5, "atomic write + fsync")
     target("json no-fsync increment", "json no-fsync", "floor atomic no-fsync", 1.5, "atomic write")
     target("sqlite NORMAL increment", "sqlite NORMAL", "floor sqlite rmw NORMAL", 2.0, "bare RMW transaction")
