@@ -201,10 +201,13 @@ class KeyScheduler:
         if held is None:
             held = self._local.held = []
         held.append(job)
+        todo: Deque[Job] = deque()  # jobs the task frees (a nested dispatch): run after it, as _drain does
+        self._local.todo = todo
         try:
             self._execute(task, *args)
         finally:
             held.pop()
+            self._local.todo = None
             with stripe:
                 job.state = _DONE
                 queue = queues[key]
@@ -213,7 +216,7 @@ class KeyScheduler:
                     ready = _NONE
                 else:
                     ready = self._remove(job)  # updates other threads parked meanwhile
-            for successor in ready:
+            for successor in (*todo, *ready):
                 self._start(successor, own=False)
         return True
 

@@ -624,3 +624,67 @@ def test_no_more_runners_than_workers_run_at_once():
         time.sleep(0.01)
     pool.shutdown(wait=True)
     assert scheduler.busy_keys() == 0 and peak[0] == 2  # two runners in parallel, never more
+
+
+def test_run_inline_runs_what_its_task_frees_after_the_task():
+    scheduler = KeyScheduler(lambda fn, *args: fn(*args), lambda: True)
+    ran = []
+    reservation = scheduler.reserve(("b",))
+    assert scheduler.submit(None, ("b",), lambda: ran.append("b"))  # parked behind the reservation
+
+    def task():
+        scheduler.cancel(reservation)  # frees the job parked on "b" (as a nested dispatch would)
+        ran.append("a done")
+
+    assert scheduler.run_inline(("a",), task, ())
+    assert ran == ["a done", "b"] and scheduler.busy_keys() == 0  # not nested inside the running handler
+
+
+def test_drain_of_a_bot_without_threads_waits_for_updates_parked_by_another_thread():
+    from telesession.testing import drain
+
+    bot = telebot.TeleBot(TOKEN, threaded=False, use_class_middlewares=True)
+    sessions = Sessions(initial=lambda: {"seen": []})
+    sessions.setup(bot)
+    inside, go = threading.Event(), threading.Event()
+
+    @bot.message_handler(func=lambda m: True)
+    def handle(message):
+        if message.text == "slow":
+            inside.set()
+            assert go.wait(10)
+        session["seen"].append(message.text)
+
+    web = threading.Thread(target=bot.process_new_updates, args=([message_update("slow", chat_id=1, update_id=1)],))
+    web.start()
+    assert inside.wait(10)
+    bot.process_new_updates([message_update("next", chat_id=1, update_id=2)])  # parked: returns at once
+    threading.Timer(0.3, go.set).start()
+    drain(bot, timeout=10)
+    assert sessions.get("1") == {"seen": ["slow", "next"]}
+    web.join(10)
+
+
+def test_updates_of_a_polled_bot_go_through_the_key_queues_when_the_idle_tracker_wraps_them():
+    with FakeBotAPI() as api:
+        bot = telebot.TeleBot(api.token, num_threads=4, use_class_middlewares=True)
+        sessions = Sessions(initial=lambda: {"n": 0})
+        sessions.setup(bot)
+        scheduled = []
+
+        @bot.message_handler(func=lambda m: True)
+        def on_message(message):
+            scheduled.append(("message", bot._telesession.scheduler.current() is not None))
+            session["n"] += 1
+
+        @bot.callback_query_handler(func=lambda call: True)
+        def on_button(call):
+            scheduled.append(("button", bot._telesession.scheduler.current() is not None))
+            session["n"] += 1
+
+        with api.run_bot(bot):  # installs the IdleTracker around setup's wrappers
+            api.send_message(7, "hi")
+            api.press_button(7, "go")
+            api.wait_until_idle(20)
+        assert sorted(scheduled) == [("button", True), ("message", True)]
+        assert sessions.get("7") == {"n": 2}

@@ -41,13 +41,19 @@ def drain(bot: Any, timeout: float = 60.0) -> None:
     telebot's ``tasks.join()`` never returns (workers never call ``task_done``), so
     queue one barrier task per worker: when all of them are inside the barrier,
     every task queued before them has finished, post_process included.
-    A bot made with ``threaded=False`` ran everything inline: there is nothing to wait for.
+    A bot made with ``threaded=False`` has no pool: its updates ran in the threads that
+    dispatched them, and only updates parked behind a busy key (fed from several threads)
+    can still be waiting.
     Updates parked on a busy key (``sessions.setup``) reach the pool only when the
     key frees, so repeat until the bot's scheduler has no busy key left.
     """
     deadline = time.monotonic() + timeout
     scheduling = bot.__dict__.get("_telesession")
     if not getattr(bot, "threaded", True):
+        while scheduling is not None and scheduling.scheduler.busy_keys():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the bot still has {scheduling.scheduler.busy_keys()} busy keys")
+            time.sleep(0.005)
         return
     while True:
         workers = len(bot.worker_pool.workers)
