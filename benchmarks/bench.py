@@ -1074,14 +1074,17 @@ def e2e_once(env: Env, config: Tuple[str, str, Dict[str, Any]], warm: List[types
         warm_rate = len(warm) / ((now_ns() - t0) / 1e9)
         if updates is None:
             updates = size(warm_rate)
+        collections = [g["collections"] for g in gc.get_stats()]
         t0 = now_ns()
         bot.process_new_updates(updates)
         drain(bot)
         elapsed = now_ns() - t0
+        collections = [g["collections"] - c for g, c in zip(gc.get_stats(), collections)]
         got, expected = total(), len(warm) + len(updates)
         return {"updates": len(updates), "elapsed_ns": elapsed, "warm_rate": warm_rate, "rate": len(updates) / (elapsed / 1e9),
                 "total": got, "expected": expected, "errors": len(errors.errors),
-                "first_error": errors.errors[0] if errors.errors else None}
+                "first_error": errors.errors[0] if errors.errors else None,
+                "gc_collections": collections}  # per generation: a full (gen 2) collection costs ms here
     finally:
         stop_bot(bot)
         if store is not None:
