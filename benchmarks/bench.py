@@ -571,6 +571,21 @@ def sqlite_upserter(path: str, synchronous: str, keys: Sequence[str]) -> Tuple[C
     return cycler(upsert, templates), conn
 
 
+def raw_increment(conn: sqlite3.Connection, key: str) -> None:
+    """The floor under ``SQLiteStore``: one session's count incremented in a bare transaction
+    (``BEGIN IMMEDIATE; SELECT; UPDATE; COMMIT``, msgspec, no lock of ours)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        record = msgspec.json.decode(conn.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0])
+        record["data"]["count"] += 1
+        conn.execute("UPDATE sessions SET record=?, written=? WHERE key=?",
+                     (msgspec.json.encode(record), time.time(), key))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def sqlite_rmw(path: str, synchronous: str, keys: Sequence[str]) -> Tuple[Callable[[int], None], Any]:
     """Bare floor of a SQLite update: ``BEGIN IMMEDIATE; SELECT; UPDATE; COMMIT`` of the same row in
     SQLiteStore's table layout (WAL), the record's count changing every time; no lock, no codec."""
@@ -1033,7 +1048,6 @@ def e2e_once(env: Env, config: Tuple[str, str, Dict[str, Any]], warm: List[types
             store = env.make_store("sqlite", f"e2e-{name}")
             prefill(store, [str(c) for c in chat_ids])
             path, local = store.path, threading.local()
-            decode, encode = msgspec.json.decode, msgspec.json.encode
 
             @bot.message_handler(func=lambda m: True)
             def raw(message: Any) -> None:
@@ -1041,17 +1055,7 @@ def e2e_once(env: Env, config: Tuple[str, str, Dict[str, Any]], warm: List[types
                 if conn is None:
                     conn = local.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                     conn.execute("PRAGMA synchronous=NORMAL")
-                key = str(message.chat.id)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    record = decode(conn.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0])
-                    record["data"]["count"] += 1
-                    conn.execute("UPDATE sessions SET record=?, written=? WHERE key=?",
-                                 (encode(record), time.time(), key))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                raw_increment(conn, str(message.chat.id))
 
             def total() -> int:
                 return sum(counts_of(store, [str(c) for c in chat_ids]).values())
@@ -1281,16 +1285,7 @@ def _mp_raw(conn: Any, url: str, names: List[str], hot: str, hot_share: float, s
         def increment(key: str) -> None:
             while True:
                 if mode == "raw-txn":
-                    db.execute("BEGIN IMMEDIATE")
-                    try:
-                        record = decode(db.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0])
-                        record["data"]["count"] += 1
-                        db.execute("UPDATE sessions SET record=?, written=? WHERE key=?",
-                                   (encode(record), time.time(), key))
-                        db.execute("COMMIT")
-                    except BaseException:
-                        db.execute("ROLLBACK")
-                        raise
+                    raw_increment(db, key)
                     return
                 raw = db.execute("SELECT record FROM sessions WHERE key=?", (key,)).fetchone()[0]
                 record = decode(raw)

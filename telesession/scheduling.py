@@ -452,47 +452,19 @@ class KeyScheduler:
             error = exc
         finally:
             held.pop()
-        keys = job.keys
-        freed: List[Job] = _NONE  # jobs of several keys this one freed
-        if len(keys) == 1:  # the common case: _remove inlined (a running job is first in its queue)
-            key = keys[0]
-            queues = self._queues
-            with self._stripes[hash(key) % STRIPES]:
-                if job.fn is not None or job.more:  # more tasks came for the same update: it keeps its place
-                    self._ready.append(job)
-                elif job.pinned:  # its batch may still hand it a task: it keeps its place, idle
-                    job.state = _PENDING
-                else:
-                    job.state = _DONE
-                    queue = queues[key]
-                    queue.popleft()
-                    if not queue:
-                        del queues[key]
-                    else:
-                        successor = queue[0]
-                        if len(successor.keys) == 1:
-                            successor.waiting -= 1
-                            if successor.waiting == 0 and successor.state == _PENDING and (
-                                    successor.fn is not None or successor.more):
-                                successor.state = _RUNNING
-                                self._ready.append(successor)  # this runner (or another) takes it next
-                        else:
-                            queue.appendleft(job)  # let _remove free the job of several keys
-                            freed = self._remove(job)
-            if freed:
-                self._start_all(freed)
-        else:
-            with self._guard(keys):
-                if _has_tasks(job):
-                    ready = [job]
-                elif job.pinned:
-                    job.state = _PENDING
-                    ready = []
-                else:
-                    job.state = _DONE
-                    ready = self._remove(job)
-            if ready:
-                self._start_all(ready)
+        with self._guard(job.keys):
+            if job.fn is not None or job.more:  # more tasks came for the same update: it keeps its place
+                ready = [job]
+            elif job.pinned:  # its batch may still hand it a task: it keeps its place, idle
+                job.state = _PENDING
+                ready = _NONE
+            else:
+                job.state = _DONE
+                ready = self._remove(job)
+        if len(ready) == 1:
+            self._ready.append(ready[0])  # this runner (or another) takes it next
+        elif ready:
+            self._start_all(ready)
         if error is not None:
             raise error
 
