@@ -63,8 +63,9 @@ class PortableLockFile:
             self._held[offset] = lock
         return True
 
-    def lock_writer(self) -> None:
+    def lock_writer(self, timeout: float) -> bool:
         """No writer lock on this backend: writes of several processes meet in SQLite's busy handler."""
+        return True
 
     def unlock_writer(self) -> None:
         """See ``lock_writer``."""

@@ -33,7 +33,7 @@ def _hold_writer_in_child(path, ready, go, released_at):
     from telesession.locking import RangeLockFile
 
     lock_file = RangeLockFile(path + ".lock")
-    lock_file.lock_writer()
+    assert lock_file.lock_writer(10)
     ready.set()
     go.wait(30)
     time.sleep(0.2)  # the parent's save is waiting by now (or soon): it must not finish before we unlock
@@ -177,8 +177,8 @@ def test_a_process_holding_a_key_excludes_others_but_not_other_keys(path):
 
 
 def test_writes_of_processes_queue_on_the_writer_byte(path):
-    """Processes take turns for a write on one byte of the lock file (a kernel wait, woken at once),
-    instead of colliding in SQLite, whose busy handler sleeps milliseconds between retries."""
+    """Processes take turns for a write on one byte of the lock file, instead of colliding in
+    SQLite, whose busy handler sleeps milliseconds between retries."""
     from telesession.locking import WRITER_OFFSET, key_offset
 
     assert all(key_offset(k) < WRITER_OFFSET for k in HOSTILE_KEYS)  # no key shares the writer's byte
@@ -202,6 +202,34 @@ def test_writes_of_processes_queue_on_the_writer_byte(path):
         finally:
             go.set()
             child.join(30)
+
+
+def test_a_writer_lock_held_too_long_fails_the_write_naming_key_and_lock_file(path):
+    """A process that stops while holding the writer byte (SIGSTOP, a debugger) makes writes of
+    other processes fail after the store's timeout, naming the key and the lock file, instead
+    of hanging them forever; nothing is written, and writes go on once it is released."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, released_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    with SQLiteStore(path, timeout=0.3) as store:
+        store.save("k", b"old")
+        child = ctx.Process(target=_hold_writer_in_child, args=(path, ready, go, released_at))
+        child.start()
+        try:
+            assert ready.wait(60)
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                store.save("k", b"new", previous=b"old")
+            assert time.monotonic() - started >= 0.3
+            assert info.value.key == "k"
+            assert path + ".lock" in str(info.value) and "'k'" in str(info.value)
+            assert not isinstance(info.value, ConflictError)
+            assert store.load("k") == b"old"
+        finally:
+            go.set()
+            child.join(30)
+        assert child.exitcode == 0
+        store.save("k", b"new", previous=b"old")
+        assert store.load("k") == b"new"
 
 
 def test_two_store_objects_on_one_file_share_the_lock(path):

@@ -284,7 +284,12 @@ class SQLiteStore(Store):
             lock_file = self._process_lock_file(key)
         try:
             with self._write_mutex:
-                lock_file.lock_writer()  # processes queue in the kernel, not in SQLite's sleeping busy handler
+                if not lock_file.lock_writer(self.timeout):  # not SQLite's sleeping busy handler
+                    raise StoreError(
+                        f"cannot write {self.describe(key)}: another process held the writer lock "
+                        f"of {lock_file.path} for {self.timeout:g} s (stopped or hung?); nothing was "
+                        f"written (raise SQLiteStore(timeout=...) if writes legitimately take that long)",
+                        key, self.describe(key))
                 try:
                     cur = self._write(conn, key, record, written, expires, previous)
                 finally:
