@@ -1426,7 +1426,7 @@ def section_multiprocess(env: Env) -> None:
     rows = []
     for name, per in results.items():
         if "na" in per:
-            rows.append([name, f"n/a ({per['na']})"] + [""] * (2 * len(plan.mp_procs)))
+            rows.append([name, f"n/a ({per['na']})"] + [""] * (2 * len(plan.mp_procs) + 1))
             continue
         one = per.get(plan.mp_procs[0], {}).get("rate")
         row = [name]
