@@ -122,9 +122,11 @@ class KeyLocks:
 WRITER_OFFSET = (1 << 62) + 1
 
 #: How long a lock byte held by another process is retried without sleeping (yielding the
-#: CPU between tries): a few queued writes.  Sleeping at once (the kernel's timer slack makes
-#: even 50 µs ~100 µs) or blocking in ``F_SETLKW`` cost more than the wait itself.
-SPIN_SECONDS = 0.0001
+#: CPU between tries): a few queued writes, or a holder's turn on a busy core.  Sleeping at
+#: once (the kernel's timer slack makes even 50 µs ~100 µs) or blocking in ``F_SETLKW``
+#: cost more than the wait itself; 100 µs did as well with 2 processes on 2 cores, 300 µs
+#: better with 4 (see docs/performance.md).
+SPIN_SECONDS = 0.0003
 
 _yield_cpu = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
