@@ -1558,6 +1558,7 @@ _STEP_OF = {  # (file, function) -> step; anything else takes its caller's step
     ("locking.py", "acquire"): "lock", ("locking.py", "lock_at"): "lock", ("locking.py", "key_offset"): "lock",
     ("locking.py", "release"): "unlock", ("locking.py", "unlock_at"): "unlock",
     ("locking.py", "lock_writer"): "write", ("locking.py", "unlock_writer"): "write",
+    ("locking_portable.py", "take_mutex"): "write",
     ("sqlite.py", "load"): "read", ("sqlite.py", "save"): "write", ("sqlite.py", "acquire"): "lock",
     ("sqlite.py", "release"): "unlock", ("sqlite.py", "_write"): "write",
     ("jsonfile.py", "load"): "read", ("jsonfile.py", "save"): "write",

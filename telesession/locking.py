@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Dict, Hashable, List, Optional, Tuple, Union
 
-from .locking_portable import PortableLockFile
+from .locking_portable import PortableLockFile, take_mutex
 
 __all__ = ["KeyLocks", "RangeLockFile", "ProcessLockFile", "key_locks_for", "range_lock_file_for", "held_keys",
            "current_pid", "key_offset", "lock_backend", "LOCKS_ENV"]
@@ -152,6 +152,7 @@ class RangeLockFile:
                                "which falls back to filelock")
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self._writer = threading.Lock()  # this process's threads, in front of the writer byte
 
     def acquire(self, key: Optional[str], timeout: float) -> bool:
         """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
@@ -163,35 +164,56 @@ class RangeLockFile:
     def lock_at(self, offset: int, timeout: float) -> bool:
         """Take the lock byte at ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds.
 
-        A key is usually held for one update (tens of µs): retry at once for ``SPIN_SECONDS``,
-        then sleep between tries, from 50 µs doubling to 10 ms."""
-        return self._take(offset, timeout, 0.01)
+        A key is usually held for one update (tens of µs): a waiter retries at once for
+        ``SPIN_SECONDS``, then sleeps between tries, from 50 µs doubling to 10 ms."""
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            return True
+        except (BlockingIOError, PermissionError):
+            return self._wait(offset, timeout, 0.01)
 
     def unlock_at(self, offset: int) -> None:
         fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
 
     def lock_writer(self, timeout: float) -> bool:
-        """Take the store's one writer byte (``WRITER_OFFSET``); ``False`` after ``timeout`` seconds.
+        """Take the store's writer lock for one write statement; ``False`` after ``timeout`` seconds.
 
-        Held for the few microseconds of one write statement, so processes take turns here
-        instead of colliding inside SQLite, whose busy handler sleeps 1, 2, 5, 10... ms between
-        retries.  Waiters retry at once for ``SPIN_SECONDS`` (a blocking ``F_SETLKW`` costs a
-        sleep and a wake-up per write, which made two processes slower than one), then sleep
-        between tries up to 2 ms.  A holder that dies loses it with its other locks; one that
-        is stopped makes writers fail after ``timeout`` instead of waiting forever.
+        The threads of this process take turns on a mutex, processes on one byte of the file
+        (``WRITER_OFFSET``), instead of colliding inside SQLite, whose busy handler sleeps 1,
+        2, 5, 10... ms between retries.  A process waiting for the byte retries at once for
+        ``SPIN_SECONDS`` (blocking in ``F_SETLKW`` cost a sleep and a wake-up per write, and
+        made two processes slower than one), then sleeps between tries up to 2 ms.  A holder
+        that dies loses the byte with its other locks; one that is stopped makes the writers
+        of other processes fail after ``timeout`` instead of waiting forever.
         """
-        return self._take(WRITER_OFFSET, timeout, 0.002)
+        left = take_mutex(self._writer, timeout)
+        if left is None:
+            return False
+        try:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, WRITER_OFFSET)
+                return True
+            except (BlockingIOError, PermissionError):
+                if self._wait(WRITER_OFFSET, left, 0.002):
+                    return True
+        except BaseException:  # interrupted: give back whatever was taken (unlocking a free byte is a no-op)
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
+            finally:
+                self._writer.release()
+            raise
+        self._writer.release()
+        return False
 
     def unlock_writer(self) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
-
-    def _take(self, offset: int, timeout: float, longest_sleep: float) -> bool:
-        fd = self._fd
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            return True
-        except (BlockingIOError, PermissionError):
-            pass
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
+        finally:
+            self._writer.release()
+
+    def _wait(self, offset: int, timeout: float, longest_sleep: float) -> bool:
+        """Retry the byte at ``offset`` held by another process: at once, then sleeping."""
+        fd = self._fd
         now = time.monotonic()
         deadline = now + timeout
         spin_until = now + min(SPIN_SECONDS, timeout)
@@ -202,7 +224,7 @@ class RangeLockFile:
                 _yield_cpu()  # the holder may need this core to finish
             else:
                 remaining = deadline - now
-                if remaining <= 0:
+                if not remaining > 0:  # (NaN included)
                     return False
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, longest_sleep)

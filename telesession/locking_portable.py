@@ -15,10 +15,21 @@ Every process sharing a store must use the same backend: a record lock and a
 """
 import os
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["PortableLockFile"]
+__all__ = ["PortableLockFile", "take_mutex"]
+
+
+def take_mutex(mutex: "threading.Lock", timeout: float) -> Optional[float]:
+    """Acquire ``mutex`` within ``timeout`` seconds: the seconds left of ``timeout``, or ``None``."""
+    if mutex.acquire(False):
+        return timeout
+    start = time.monotonic()
+    if not (timeout > 0 and mutex.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))):
+        return None
+    return timeout - (time.monotonic() - start)
 
 
 class PortableLockFile:
@@ -37,6 +48,7 @@ class PortableLockFile:
         self._key_offset = key_offset
         self._held: Dict[int, Any] = {}
         self._mutex = threading.Lock()
+        self._writer = threading.Lock()
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         _instances.add(self)
 
@@ -64,11 +76,13 @@ class PortableLockFile:
         return True
 
     def lock_writer(self, timeout: float) -> bool:
-        """No writer lock on this backend: writes of several processes meet in SQLite's busy handler."""
-        return True
+        """The threads of this process take turns on a mutex; ``False`` after ``timeout`` seconds.
+
+        No lock among processes on this backend: their writes meet in SQLite's busy handler."""
+        return take_mutex(self._writer, timeout) is not None
 
     def unlock_writer(self) -> None:
-        """See ``lock_writer``."""
+        self._writer.release()
 
     def unlock_at(self, offset: int) -> None:
         with self._mutex:

@@ -232,6 +232,78 @@ def test_a_writer_lock_held_too_long_fails_the_write_naming_key_and_lock_file(pa
         assert store.load("k") == b"new"
 
 
+def test_threads_waiting_for_a_held_writer_lock_each_give_up_after_the_timeout(path):
+    """Threads of one process queue for the writer lock behind each other: each must still
+    give up after about ``timeout`` of its own wait, not after the waits of those before it."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, released_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    timeout = 1.0
+    with SQLiteStore(path, timeout=timeout) as store:
+        child = ctx.Process(target=_hold_writer_in_child, args=(path, ready, go, released_at))
+        child.start()
+        try:
+            assert ready.wait(60)
+            waited, failures = [], []
+
+            def write(i):
+                started = time.monotonic()
+                try:
+                    store.save(f"k{i}", b"record")
+                except StoreError as exc:
+                    failures.append(exc)
+                waited.append(time.monotonic() - started)
+
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            assert len(failures) == 4 and all(f.key.startswith("k") for f in failures)
+            # one after another they would wait 1, 2, 3 and 4 s
+            assert max(waited) < 2 * timeout, waited
+            assert list(store.keys()) == []
+        finally:
+            go.set()
+            child.join(30)
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf")])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_refused(path, timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        SQLiteStore(path, timeout=timeout)
+
+
+def _save_in_forked_child(store, result):
+    try:
+        store.save("child", b"record")  # the parent's store object, inherited through fork()
+        result.value = 1
+    except BaseException:  # noqa: BLE001 - reported through result
+        result.value = 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+def test_a_child_forked_while_a_thread_holds_the_writer_mutex_can_write(path):
+    """The threads' writer mutex lives in the per-process lock file, which a forked child
+    opens afresh: a mutex held by a parent thread at fork time must not block the child's
+    writes through the store object it inherited."""
+    from telesession.locking import range_lock_file_for
+
+    with SQLiteStore(path) as store:
+        store.save("parent", b"record")
+        writer = range_lock_file_for(store.lock_path)._writer
+        assert writer.acquire(timeout=5)  # as a parent thread in the middle of a write
+        try:
+            ctx = multiprocessing.get_context("fork")
+            result = ctx.Value("i", 0)
+            child = ctx.Process(target=_save_in_forked_child, args=(store, result))
+            child.start()
+            child.join(60)
+            assert child.exitcode == 0 and result.value == 1
+        finally:
+            writer.release()
+        assert store.load("child") == b"record"
+
+
 def test_two_store_objects_on_one_file_share_the_lock(path):
     with SQLiteStore(path) as first, from_url(f"sqlite:{path}") as second:
         assert isinstance(second, SQLiteStore) and first.location == second.location

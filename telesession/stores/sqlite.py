@@ -86,7 +86,7 @@ class SQLiteStore(Store):
     ``"NORMAL"`` (default) never corrupts the database and, in WAL mode, may lose the last
     writes on power loss (not on a process crash); ``"FULL"`` syncs every write (~7x slower
     here); ``"OFF"`` leaves syncing to the OS.  ``timeout`` (seconds) is how long a write
-    waits for another connection's write to finish before failing with ``StoreError``.
+    waits for another write, of this process or another, before failing with ``StoreError``.
 
     Each thread uses its own connection, and a forked child opens its own instead of
     reusing the parent's.  Saves are conditional (``conditional = True``).
@@ -101,6 +101,8 @@ class SQLiteStore(Store):
             raise ValueError(f"synchronous={synchronous!r}: use one of {', '.join(_SYNCHRONOUS)}")
         self.synchronous = sync
         self.timeout = float(timeout)
+        if not 0 <= self.timeout < float("inf"):
+            raise ValueError(f"timeout={timeout!r}: use a number of seconds, 0 or more")
         path = os.path.abspath(os.fspath(path))
         self._create_file(path)
         self.path = os.path.realpath(path)
@@ -108,10 +110,6 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
-        # One writer at a time: the threads of this process queue on this mutex, processes on
-        # the writer byte of the lock file (RangeLockFile.lock_writer), instead of colliding in
-        # SQLite, whose busy handler sleeps 1, 2, 5, 10... ms between retries.
-        self._write_mutex = threading.Lock()
         self._closed = False
         self.lock_path = self.path + ".lock"
         self._initialize()
@@ -282,18 +280,19 @@ class SQLiteStore(Store):
         lock_file = self._lock_file
         if lock_file is None or self._lock_file_pid != current_pid():
             lock_file = self._process_lock_file(key)
+        # One writer at a time (RangeLockFile.lock_writer): threads and processes take turns
+        # there, instead of colliding in SQLite, whose busy handler sleeps 1, 2, 5... ms.
+        if not lock_file.lock_writer(self.timeout):
+            raise StoreError(
+                f"cannot write {self.describe(key)}: the writer lock of {lock_file.path} stayed "
+                f"taken for {self.timeout:g} s (a process stopped or hung while writing?); nothing "
+                f"was written (raise SQLiteStore(timeout=...) if writes legitimately take that long)",
+                key, self.describe(key))
         try:
-            with self._write_mutex:
-                if not lock_file.lock_writer(self.timeout):  # not SQLite's sleeping busy handler
-                    raise StoreError(
-                        f"cannot write {self.describe(key)}: another process held the writer lock "
-                        f"of {lock_file.path} for {self.timeout:g} s (stopped or hung?); nothing was "
-                        f"written (raise SQLiteStore(timeout=...) if writes legitimately take that long)",
-                        key, self.describe(key))
-                try:
-                    cur = self._write(conn, key, record, written, expires, previous)
-                finally:
-                    lock_file.unlock_writer()
+            try:
+                cur = self._write(conn, key, record, written, expires, previous)
+            finally:
+                lock_file.unlock_writer()
             changed = cur.rowcount
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "writing") from exc
