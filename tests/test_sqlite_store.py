@@ -273,6 +273,28 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_refused(path, timeout):
         SQLiteStore(path, timeout=timeout)
 
 
+def test_every_connection_checkpoints_the_wal_at_the_configured_size(path):
+    """``wal_autocheckpoint`` is a per-connection setting: every thread's connection gets it."""
+    with SQLiteStore(path, wal_autocheckpoint=1234) as store:
+        seen = [store._conn(None).execute("PRAGMA wal_autocheckpoint").fetchone()[0]]
+
+        def other():
+            seen.append(store._conn(None).execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(10)
+        assert seen == [1234, 1234]
+    with SQLiteStore(path) as store:
+        assert store._conn(None).execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4000
+
+
+@pytest.mark.parametrize("pages", [0, -1, 1.5, "1000", True])
+def test_a_wal_autocheckpoint_that_is_not_a_page_count_is_refused(path, pages):
+    with pytest.raises(ValueError, match="wal_autocheckpoint"):
+        SQLiteStore(path, wal_autocheckpoint=pages)
+
+
 def _save_in_forked_child(store, result):
     try:
         store.save("child", b"record")  # the parent's store object, inherited through fork()

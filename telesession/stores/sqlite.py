@@ -87,6 +87,9 @@ class SQLiteStore(Store):
     writes on power loss (not on a process crash); ``"FULL"`` syncs every write (~7x slower
     here); ``"OFF"`` leaves syncing to the OS.  ``timeout`` (seconds) is how long a write
     waits for another write, of this process or another, before failing with ``StoreError``.
+    ``wal_autocheckpoint`` is how many pages the WAL grows to before a commit copies them
+    back into the database (SQLite's default is 1,000): 4,000 (~16 MB of WAL) writes each
+    page back once for several commits on a table of 100,000 sessions, instead of once each.
 
     Each thread uses its own connection, and a forked child opens its own instead of
     reusing the parent's.  Saves are conditional (``conditional = True``).
@@ -95,7 +98,7 @@ class SQLiteStore(Store):
     conditional = True
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, synchronous: str = "NORMAL",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, wal_autocheckpoint: int = 4000) -> None:
         sync = str(synchronous).upper()
         if sync not in _SYNCHRONOUS:
             raise ValueError(f"synchronous={synchronous!r}: use one of {', '.join(_SYNCHRONOUS)}")
@@ -103,6 +106,9 @@ class SQLiteStore(Store):
         self.timeout = float(timeout)
         if not 0 <= self.timeout < float("inf"):
             raise ValueError(f"timeout={timeout!r}: use a number of seconds, 0 or more")
+        if type(wal_autocheckpoint) is not int or wal_autocheckpoint < 1:
+            raise ValueError(f"wal_autocheckpoint={wal_autocheckpoint!r}: use a number of pages, 1 or more")
+        self.wal_autocheckpoint = wal_autocheckpoint
         path = os.path.abspath(os.fspath(path))
         self._create_file(path)
         self.path = os.path.realpath(path)
@@ -193,6 +199,7 @@ class SQLiteStore(Store):
             raise self._error(exc, key, self.path, "opening") from exc
         try:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={self.wal_autocheckpoint}")
         except sqlite3.Error as exc:
             conn.close()
             raise self._error(exc, key, self.path, "opening") from exc
