@@ -224,7 +224,8 @@ class HandleProxy(SessionProxy):
 
 
 class _InnermostProxy(SessionProxy):
-    """``session``: item access inlined (it runs on every ``session["x"]`` of every handler)."""
+    """``session``: item and field access inlined (it runs on every ``session["x"]`` and
+    ``session.x`` of every handler)."""
 
     __slots__ = ()
 
@@ -244,6 +245,23 @@ class _InnermostProxy(SessionProxy):
                 handle.data[item] = value
                 return
         _innermost()[item] = value
+
+    def __getattr__(self, name: str) -> Any:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                return getattr(handle.data, name)
+        return getattr(_innermost(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        stack = _stack.get()
+        if stack:
+            handle = stack[-1].handle
+            if handle.state == LOADED:
+                setattr(handle.data, name, value)
+                return
+        setattr(_innermost(), name, value)
 
 
 #: The innermost active session of this thread.

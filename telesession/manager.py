@@ -65,7 +65,7 @@ class _Handle:
         self.token: Any = None
         self.raw: Optional[bytes] = None
         self.data: Any = None
-        self.baseline: Union[bytes, str, None] = None  # bytes for a dict session, str for a typed one
+        self.baseline: Optional[bytes] = None  # the session's JSON as loaded: change detection
         self.deleted = False
         self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
@@ -180,30 +180,27 @@ class _Handle:
             # back equal (changed or not), and compared with what was loaded.
             plain = self.data
             try:
-                text: Union[bytes, str] = _encode(plain)
+                text: bytes = _encode(plain)
                 if _decode(text) != plain:
                     raise ValueError
             except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
                 text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
-            if text == self.baseline:
-                if self.deleted and self.raw is not None:
-                    self.store.delete(key, previous=self.raw)
-                return None
-            try:
-                seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
-                return RECORD_US % (m.version, seconds, us, _encode(key), text)
-            except UnicodeEncodeError:
-                return build_record(key, text, m.version, time.time())
-        text = m._encode(self.data, key, self.where)
+        else:
+            text = encode_typed(self.data, key, self.where)
+            if text != self.baseline:
+                check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
+                if self.dropped:
+                    logger.info("session %r: dropped the stored fields %s, which %s no longer has",
+                                key, ", ".join(self.dropped), m.dataclass.__name__)
         if text == self.baseline:
             if self.deleted and self.raw is not None:
                 self.store.delete(key, previous=self.raw)
             return None
-        check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
-        if self.dropped:
-            logger.info("session %r: dropped the stored fields %s, which %s no longer has",
-                        key, ", ".join(self.dropped), m.dataclass.__name__)
-        return build_record(key, text, m.version, time.time())
+        try:
+            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
+            return RECORD_US % (m.version, seconds, us, _encode(key), text)
+        except UnicodeEncodeError:  # a key with a lone surrogate: as the json module writes it
+            return build_record(key, text, m.version, time.time())
 
 
 class _Frame:
@@ -572,8 +569,8 @@ class Sessions(Generic[T]):
         value = self.initial()
         return value if self.dataclass is None else adopt(value, self.dataclass)
 
-    def _encode(self, value: Any, key: str, where: Any) -> Union[bytes, str]:
-        """The baseline/text of change detection: bytes for a dict session, str for a typed one."""
+    def _encode(self, value: Any, key: str, where: Any) -> bytes:
+        """The baseline/text of change detection: the session's JSON."""
         if self.dataclass is None:
             return encode_json(value, key, where)
         return encode_typed(value, key, where)

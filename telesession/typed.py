@@ -19,6 +19,7 @@ Dict sessions never come here: they keep the strict JSON rules of ``records``.
 """
 import dataclasses
 import logging
+import operator
 import re
 import threading
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
@@ -143,18 +144,25 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def encode_typed(value: Any, key: str, where: Where, root: str = "session") -> str:
-    """Compact JSON of dataclass session ``value`` (sets sorted, so equal sessions encode equally)."""
+_encode_ordered = msgspec.json.Encoder(order="deterministic").encode
+
+
+def encode_typed(value: Any, key: str, where: Where, root: str = "session") -> bytes:
+    """Compact JSON of dataclass session ``value`` (sets and dict keys sorted, so equal sessions
+    encode equally)."""
     try:
-        plain = msgspec.to_builtins(value, order="deterministic", str_keys=True)
-        return msgspec.json.encode(plain).decode("utf-8")
+        try:
+            return _encode_ordered(value)
+        except TypeError:  # msgspec sorts only str-keyed dicts: make the keys str first (same bytes)
+            return msgspec.json.encode(msgspec.to_builtins(value, order="deterministic", str_keys=True))
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         where = _where(where)
         raise SerializationError(
             f"session {key!r} cannot be stored ({where}): {exc}", key, where, root) from exc
 
 
-def check_typed(value: Any, text: str, cls: type, key: str, where: Where, root: str = "session") -> None:
+def check_typed(value: Any, text: Union[bytes, str], cls: type, key: str, where: Where,
+                root: str = "session") -> None:
     """Refuse a session that would not load back as ``cls`` with the same values, naming the field.
 
     Catches an ``int`` in a ``str`` field (a record every later load would refuse)
@@ -183,7 +191,14 @@ def check_typed(value: Any, text: str, cls: type, key: str, where: Where, root: 
 
 def _same(back: Any, value: Any, cls: type) -> bool:
     # Equality tells a tuple from a list and a set from a list: what would change on reload.
-    return all(getattr(back, f.name) == getattr(value, f.name) for f in dataclasses.fields(cls))
+    values = _values.get(cls)
+    if values is None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = _values[cls] = operator.attrgetter(*names) if names else (lambda _: ())
+    return bool(values(back) == values(value))
+
+
+_values: Dict[type, Callable[[Any], Any]] = {}  # class -> its field values, read in one C call
 
 
 def _first_difference(back: Any, value: Any, root: str) -> str:
@@ -240,5 +255,5 @@ def from_plain(cls: Optional[type], data: Any, key: str, where: Where) -> Tuple[
             f"session {key!r} ({where}) does not match {cls.__name__}: {type(exc).__name__}: {exc}; "
             f"it was left untouched", key, where) from exc
     names = field_names(cls)
-    dropped = [name for name in data if name not in names]
+    dropped = [] if names.issuperset(data) else [name for name in data if name not in names]
     return adopt(value, cls), dropped
