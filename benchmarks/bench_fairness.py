@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from plugin_rows import row
+
 SECTION = "fairness"
 OLD_COMMIT = "d54e06f"
 SLOW_S = 1.0
@@ -173,12 +175,6 @@ def _run_child(args: List[str], pythonpath: Optional[str]) -> Dict[str, Any]:
     return result
 
 
-def _row(name: str, value: float, unit: str, compare_to: str = "", ratio: Optional[float] = None,
-         target: Optional[str] = None, passed: Optional[bool] = None, note: str = "") -> Dict[str, Any]:
-    return {"name": name, "value": value, "unit": unit, "compare_to": compare_to, "ratio": ratio,
-            "target": target, "passed": passed, "note": note}
-
-
 def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     old = _old_tree(workdir)
@@ -191,14 +187,14 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
         try:
             latency[label] = _run_child(["latency", mode], path)["max_ms"]
         except Exception as exc:  # noqa: BLE001
-            rows.append(_row(f"idle chat wait, {label}", float("nan"), "ms", note=f"n/a ({exc})"))
+            rows.append(row(f"idle chat wait, {label}", float("nan"), "ms", note=f"n/a ({exc})"))
     note = f"chat 1: a {SLOW_S:.0f} s handler + 5 queued updates; 5 idle chats; slowest idle chat; 4 workers"
     for label, value in latency.items():
         if label == "per-key scheduling":
-            rows.append(_row(f"idle chat wait, {label}", value, "ms", "no sessions",
+            rows.append(row(f"idle chat wait, {label}", value, "ms", "no sessions",
                              None, "≤ 100 ms", value <= 100, note))
         else:
-            rows.append(_row(f"idle chat wait, {label}", value, "ms", "", None, None, None, note))
+            rows.append(row(f"idle chat wait, {label}", value, "ms", "", None, None, None, note))
 
     stores = [("memory", "memory", 3000 if quick else 20000),
               ("SQLite", "sqlite:" + os.path.join(workdir, "fair-{}.db"), 1000 if quick else 5000)]
@@ -222,21 +218,21 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
         median = {label: statistics.median(r) for label, r in rates.items() if r}
         tnote = f"{n:,} updates over 100 chats, {store_label} store, 8 workers, median of {reps}"
         if "no sessions" in median:
-            rows.append(_row("throughput, no sessions", median["no sessions"], "updates/s",
+            rows.append(row("throughput, no sessions", median["no sessions"], "updates/s",
                              note=tnote.replace(f", {store_label} store", "")))
         new = median.get("per-key scheduling")
         base = median.get(f"old design ({OLD_COMMIT})")
         if new is not None:
             ratio = base / new if base else None
-            rows.append(_row(f"throughput, {store_label}, per-key scheduling", new, "updates/s",
+            rows.append(row(f"throughput, {store_label}, per-key scheduling", new, "updates/s",
                              f"old design ({OLD_COMMIT})" if base else "", ratio,
                              "≤ 1.05×" if ratio is not None else None,
                              (ratio <= 1.05) if ratio is not None else None,
                              tnote + ("; totals exact" if exact else "; TOTALS WRONG")))
         if base is not None:
-            rows.append(_row(f"throughput, {store_label}, old design ({OLD_COMMIT})", base, "updates/s", note=tnote))
+            rows.append(row(f"throughput, {store_label}, old design ({OLD_COMMIT})", base, "updates/s", note=tnote))
         for label, reason in failed.items():
-            rows.append(_row(f"throughput, {store_label}, {label}", float("nan"), "updates/s", note=f"n/a ({reason})"))
+            rows.append(row(f"throughput, {store_label}, {label}", float("nan"), "updates/s", note=f"n/a ({reason})"))
     return rows
 
 

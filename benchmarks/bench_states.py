@@ -9,11 +9,12 @@ storage loses increments.
     python3 benchmarks/bench_states.py [--quick]
 """
 import os
-import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
+
+from plugin_rows import print_rows, row
 
 SECTION = "states"
 
@@ -71,12 +72,6 @@ def _threaded(bot: Any, threads: int, per_thread: int, user: int = 2) -> Dict[st
     return {"us": elapsed / (threads * per_thread) * 1e6, "total": total}
 
 
-def _row(name: str, value: float, unit: str, compare_to: str = "", ratio: Optional[float] = None,
-         target: Optional[str] = None, passed: Optional[bool] = None, note: str = "") -> Dict[str, Any]:
-    return {"name": name, "value": value, "unit": unit, "compare_to": compare_to, "ratio": ratio,
-            "target": target, "passed": passed, "note": note}
-
-
 def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
     from telebot.storage import StateMemoryStorage, StatePickleStorage
 
@@ -97,17 +92,17 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
             if hasattr(storage, "close"):
                 storage.close()
     rows = [
-        _row("retrieve_data increment, StateStorage(memory)", us["StateStorage(memory)"], "µs/increment",
+        row("retrieve_data increment, StateStorage(memory)", us["StateStorage(memory)"], "µs/increment",
              "telebot StateMemoryStorage", us["StateStorage(memory)"] / us["telebot StateMemoryStorage"],
              note="locked, JSON-checked; the peer takes no lock and loses increments under threads"),
-        _row("retrieve_data increment, StateStorage(sqlite)", us["StateStorage(sqlite)"], "µs/increment",
+        row("retrieve_data increment, StateStorage(sqlite)", us["StateStorage(sqlite)"], "µs/increment",
              "telebot StatePickleStorage", us["StateStorage(sqlite)"] / us["telebot StatePickleStorage"],
              target="≤ 1.0×",
              passed=us["StateStorage(sqlite)"] <= us["telebot StatePickleStorage"],
              note="durable, atomic, shared by processes; the peer rewrites one pickle file in place"),
-        _row("retrieve_data increment, telebot StateMemoryStorage", us["telebot StateMemoryStorage"],
+        row("retrieve_data increment, telebot StateMemoryStorage", us["telebot StateMemoryStorage"],
              "µs/increment", note="peer"),
-        _row("retrieve_data increment, telebot StatePickleStorage", us["telebot StatePickleStorage"],
+        row("retrieve_data increment, telebot StatePickleStorage", us["telebot StatePickleStorage"],
              "µs/increment", note="peer (101 states in the file; its cost grows with every state)"),
     ]
     threads, per = 8, (25 if quick else 100)
@@ -116,7 +111,7 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
         with tempfile.TemporaryDirectory(dir=workdir) as d:
             result = _threaded(_bot(makers[name](d)), threads, per)
         exact = result["total"] == want
-        rows.append(_row(f"8 threads on one user, {name}", result["us"], "µs/increment",
+        rows.append(row(f"8 threads on one user, {name}", result["us"], "µs/increment",
                          passed=exact if name.startswith("StateStorage") else None,
                          target="exact" if name.startswith("StateStorage") else None,
                          note=f"total {result['total']:.0f} of {want}"
@@ -125,9 +120,4 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as work:
-        for row in run("--quick" in sys.argv, work):
-            verdict = "" if row["passed"] is None else (" PASS" if row["passed"] else " FAIL")
-            ratio = "" if row["ratio"] is None else f"  {row['ratio']:.2f}× {row['compare_to']}"
-            target = "" if row["target"] is None else f" (target {row['target']})"
-            print(f"{row['name']:<55} {row['value']:>9.1f} {row['unit']}{ratio}{target}{verdict}  {row['note']}")
+    print_rows(run)

@@ -14,10 +14,11 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
+
+from plugin_rows import print_rows, row
 
 SECTION = "typed"
 
@@ -93,12 +94,6 @@ def _rounds(cases: Dict[str, Callable[[Any], None]], messages: List[Any], per_ro
     return samples
 
 
-def _row(name: str, value: float, unit: str, compare_to: str = "", ratio: Optional[float] = None,
-         target: Optional[str] = None, passed: Optional[bool] = None, note: str = "") -> Dict[str, Any]:
-    return {"name": name, "value": value, "unit": unit, "compare_to": compare_to, "ratio": ratio,
-            "target": target, "passed": passed, "note": note}
-
-
 def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
     from telesession import Sessions
     from telesession.stores import MemoryStore, SQLiteStore
@@ -136,7 +131,7 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
             ratio = statistics.median(t / c for t, c in zip(typed_over, dict_over))
             typed_us, dict_us = statistics.median(typed_over), statistics.median(dict_over)
             gated = store_name != "memory"
-            rows.append(_row(f"{kind} session update, dataclass, {store_name}", typed_us, "µs/update",
+            rows.append(row(f"{kind} session update, dataclass, {store_name}", typed_us, "µs/update",
                              f"the same as a dict {dict_us:.2f} µs", ratio, f"≤ {TARGET}×" if gated else None,
                              ratio <= TARGET if gated else None,
                              f"median of {rounds} paired rounds of {per_round}; 100 chats; typing costs "
@@ -145,9 +140,4 @@ def run(quick: bool, workdir: str) -> List[Dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as work:
-        for row in run("--quick" in sys.argv, work):
-            verdict = "" if row["passed"] is None else (" PASS" if row["passed"] else " FAIL")
-            ratio = "" if row["ratio"] is None else f"  {row['ratio']:.2f}× {row['compare_to']}"
-            target = "" if row["target"] is None else f" (target {row['target']})"
-            print(f"{row['name']:<45} {row['value']:>7.2f} {row['unit']}{ratio}{target}{verdict}  {row['note']}")
+    print_rows(run)
