@@ -619,8 +619,8 @@ def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
     sessions).  It shows what the steps cost and what the structure adds to them."""
     from telesession import context as session_context
     from telesession.locking import _allocate_lock, _get_ident
-    from telesession.manager import _LOADED, _Frame, _Handle
-    from telesession.records import RECORD_US, _decode_record, _msgspec_decode, _msgspec_encode
+    from telesession.manager import _LOADED, _Handle
+    from telesession.records import RECORD_ENCODED, _decode_record, _msgspec_decode, _msgspec_encode
 
     sessions = Sessions(MemoryStore(), initial=lambda: {"count": 0})
     store = sessions.store
@@ -642,14 +642,13 @@ def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
         baseline = _msgspec_encode(data)
         handle = _Handle(sessions, key)
         handle.data, handle.state = data, _LOADED
-        stack.set((_Frame(sessions, handle, None, True),))
+        stack.set((handle,))
         session["count"] += 1
         text = _msgspec_encode(data)
         if _msgspec_decode(text) != data:
             raise ValueError("would not read back equal")
         if text != baseline:
-            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
-            records[key] = RECORD_US % (0, seconds, us, _msgspec_encode(key), text)
+            records[key] = RECORD_ENCODED % (0, _msgspec_encode(time.time()), _msgspec_encode(key), text)
         stack.set(())
         del entries[key]
         lock.release()
@@ -1545,16 +1544,18 @@ STEPS = ["lock", "read", "decode", "bind", "handler", "encode", "check", "compar
 
 _STEP_OF = {  # (file, function) -> step; anything else takes its caller's step
     ("manager.py", "_run"): "manager (rest)", ("manager.py", "load"): "manager (rest)",
-    ("manager.py", "close"): "manager (rest)", ("manager.py", "_commit"): "compare + record",
-    ("manager.py", "__init__"): "bind", ("manager.py", "key_of"): "bind", ("manager.py", "read_record"): "decode",
+    ("manager.py", "close"): "compare + record",  # (close makes the record: change detection, the bytes)
+    ("manager.py", "__init__"): "bind", ("manager.py", "key_of"): "bind", ("manager.py", "_checked_key"): "bind", ("manager.py", "read_record"): "decode",
     ("records.py", "read_record"): "decode", ("records.py", "encode_json"): "encode",
     ("records.py", "build_record"): "compare + record",
     ("keys.py", None): "bind", ("context.py", None): "bind",
-    ("memory.py", "acquire"): "lock", ("memory.py", "release"): "unlock", ("memory.py", "load_locked"): "read",
+    ("memory.py", "acquire"): "lock", ("memory.py", "acquire_and_load"): "lock",  # (and a dict lookup)
+    ("memory.py", "release"): "unlock", ("memory.py", "load_locked"): "read",
     ("memory.py", "load"): "read", ("memory.py", "save"): "write", ("memory.py", "save_and_release"): "write",
     ("base.py", "acquire"): "lock", ("base.py", "_lock_external"): "lock", ("base.py", "_thread_locks"): "lock",
     ("base.py", "_process_lock_file"): "lock", ("base.py", "release"): "unlock",
     ("base.py", "_unlock_external"): "unlock", ("base.py", "load_locked"): "read",
+    ("base.py", "acquire_and_load"): "lock",
     ("base.py", "save_and_release"): "write",
     ("locking.py", "acquire"): "lock", ("locking.py", "lock_at"): "lock", ("locking.py", "key_offset"): "lock",
     ("locking.py", "release"): "unlock", ("locking.py", "unlock_at"): "unlock",
@@ -1574,9 +1575,9 @@ def _step_of(func: Tuple[str, int, str], caller: Optional[Tuple[str, int, str]],
         return "bind"
     if caller is not None and func[0] == "~" and os.path.basename(caller[0]) == "manager.py":
         if "decode" in name:
-            return "check" if caller[2] == "_commit" else "decode"
+            return "check" if caller[2] == "close" else "decode"
         if "encode" in name and "Encoder" in name:
-            return "encode" if caller[2] == "_commit" else "decode"  # in load: the baseline
+            return "encode" if caller[2] == "close" else "decode"  # in load: the baseline
     step = _STEP_OF.get((base, name)) or _STEP_OF.get((base, None))
     if step is not None:
         return step

@@ -4,7 +4,10 @@ A ``ContextVar`` holds a tuple of frames, innermost last.  A frame is pushed whe
 a handler's session is opened and removed in ``finally`` when it closes; pool
 threads are reused, so nothing may stay behind.  Frames are removed by identity,
 not by ``ContextVar.reset``, because telebot runs middleware ``post_process``
-hooks in registration order, not in reverse.
+hooks in registration order, not in reverse.  A frame is the session's handle
+itself for the scope that opened it, and a small re-entry frame for a scope that
+re-entered a session an outer one holds; both read as the handle (``state``,
+``data``, ``value()``), so the proxy reaches the session in one step.
 """
 import dataclasses
 import os
@@ -53,8 +56,8 @@ def _innermost() -> Any:
     stack = _stack.get()
     if not stack:
         raise NoActiveSession(UNBOUND)
-    handle = stack[-1].handle
-    return handle.data if handle.state == LOADED else handle.value()
+    frame = stack[-1]  # (a frame reads as its handle: state, data, value())
+    return frame.data if frame.state == LOADED else frame.value()
 
 
 class _Forwarded:
@@ -232,34 +235,34 @@ class _InnermostProxy(SessionProxy):
     def __getitem__(self, item: Any) -> Any:
         stack = _stack.get()
         if stack:
-            handle = stack[-1].handle
-            if handle.state == LOADED:
-                return handle.data[item]
+            frame = stack[-1]
+            if frame.state == LOADED:
+                return frame.data[item]
         return _innermost()[item]
 
     def __setitem__(self, item: Any, value: Any) -> None:
         stack = _stack.get()
         if stack:
-            handle = stack[-1].handle
-            if handle.state == LOADED:
-                handle.data[item] = value
+            frame = stack[-1]
+            if frame.state == LOADED:
+                frame.data[item] = value
                 return
         _innermost()[item] = value
 
     def __getattr__(self, name: str) -> Any:
         stack = _stack.get()
         if stack:
-            handle = stack[-1].handle
-            if handle.state == LOADED:
-                return getattr(handle.data, name)
+            frame = stack[-1]
+            if frame.state == LOADED:
+                return getattr(frame.data, name)
         return getattr(_innermost(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         stack = _stack.get()
         if stack:
-            handle = stack[-1].handle
-            if handle.state == LOADED:
-                setattr(handle.data, name, value)
+            frame = stack[-1]
+            if frame.state == LOADED:
+                setattr(frame.data, name, value)
                 return
         setattr(_innermost(), name, value)
 

@@ -24,6 +24,7 @@ writing to business account A, to business account B and to the bot directly
 gets three sessions.  Normal keys start with a digit or ``-``, so ``b:`` keys
 never equal them.
 """
+import sys
 from typing import Any, Callable, Optional
 
 __all__ = ["KeyFunc", "by_chat", "by_user", "by_user_in_chat", "by_chat_topic", "prefixed", "chat_id_of",
@@ -33,6 +34,10 @@ __all__ = ["KeyFunc", "by_chat", "by_user", "by_user_in_chat", "by_chat_topic", 
 BUSINESS_PREFIX = "b:"
 
 KeyFunc = Callable[[Any], Optional[str]]
+
+# telebot.types.Message, once telebot is loaded (looked up, not imported: importing
+# telesession does not import telebot): by_chat's one-step path for a plain message.
+_message_type: Any = None
 
 
 def chat_id_of(update: Any) -> Optional[int]:
@@ -71,10 +76,19 @@ def _scoped(update: Any, key: str) -> str:
 
 def by_chat(update: Any) -> Optional[str]:
     """One session per chat (the default); updates without a chat fall back to their user."""
+    global _message_type
+    if type(update) is _message_type:  # the usual message, in one step
+        chat = update.chat
+        if chat is not None and update.business_connection_id is None:
+            chat_id = chat.id
+            if chat_id is not None:
+                return str(chat_id)
+    elif _message_type is None:
+        _message_type = getattr(sys.modules.get("telebot.types"), "Message", None)
     chat = getattr(update, "chat", None)
     if chat is not None and chat.id is not None and getattr(update, "business_connection_id", None) is None \
             and getattr(update, "message", None) is None:
-        return str(chat.id)  # the usual message: chat_id_of and _scoped in one step
+        return str(chat.id)  # a message-like object: chat_id_of and _scoped in one step
     chat_id = chat_id_of(update)
     if chat_id is None:
         chat_id = user_id_of(update)

@@ -24,7 +24,7 @@ from msgspec import DecodeError
 from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import (RECORD_US, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
+from .records import (RECORD_ENCODED, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
                       encode_json, read_record)
 from .stores.base import Store
 from .typed import adopt, check_typed, encode_typed, from_plain, reset_in_place
@@ -52,14 +52,21 @@ def _checked(key: str) -> str:
 
 
 class _Handle:
-    """The state of one opened session: its lock, the record it was loaded from, its value."""
+    """The state of one opened session: its lock, the record it was loaded from, its value.
+
+    It is also the session's frame on the thread's stack (``context``): the scope that
+    opened it owns it.  A scope that re-enters it pushes a ``_Frame`` instead.
+    """
 
     __slots__ = ("manager", "key", "store", "state", "token", "raw", "data", "baseline", "deleted", "pid",
-                 "dropped")
+                 "dropped", "origin")
 
-    def __init__(self, manager: "Sessions[Any]", key: Optional[str]) -> None:
+    owner = True  # (as a frame) this scope saves and unlocks the session
+
+    def __init__(self, manager: "Sessions[Any]", key: Optional[str], origin: Any = None) -> None:
         self.manager = manager
         self.key = key
+        self.origin = origin  # (as a frame) the middleware that opened it, or None
         self.store = manager.store
         self.state = _UNLOADED
         self.token: Any = None
@@ -69,6 +76,18 @@ class _Handle:
         self.deleted = False
         self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
+
+    @property
+    def handle(self) -> "_Handle":
+        """(As a frame) the session it stands for: itself."""
+        return self
+
+    def leave(self, success: bool) -> None:
+        """(As a frame) leave the scope: save if changed (and allowed), unlock, unbind."""
+        try:
+            self.close(success)
+        finally:
+            context.remove(self)
 
     def value(self) -> Any:
         """The session object, loading it (under the lock) on first use."""
@@ -91,10 +110,9 @@ class _Handle:
         """Lock the key and read its session (or start one from ``initial()``)."""
         m, key, store = self.manager, self.key, self.store
         assert key is not None
-        self.token = store.acquire(key, m.lock_timeout)
+        self.token, raw = store.acquire_and_load(key, m.lock_timeout)
+        self.raw = raw
         try:
-            raw = store.load_locked(key, self.token)
-            self.raw = raw
             data = None
             if raw is not None:
                 try:  # read_record's fast path, inlined: one msgspec decode of the whole record
@@ -147,13 +165,42 @@ class _Handle:
         self.dropped = ()
 
     def close(self, success: bool) -> None:
-        """Save if changed (and allowed), then release the lock, whatever happens."""
+        """Save if changed (and allowed), then release the lock, whatever happens.
+
+        The record is made here, in the one call the hot path pays for it: the session
+        encoded, checked to read back equal (changed or not), compared with what was
+        loaded; a dropped session's record is deleted instead.
+        """
         if self.state != _LOADED or self.pid != locking._pid:
             self.state = _CLOSED
             return
+        m = self.manager
         key: str = self.key  # type: ignore[assignment]  # (a loaded handle has a key; no cast() call here)
+        record = None
         try:
-            record = self._commit() if success or self.manager.save_on_error else None
+            if success or m.save_on_error:
+                if m.dataclass is None:  # encode_json and build_record, inlined for the usual case
+                    plain = self.data
+                    try:
+                        text: bytes = _encode(plain)
+                        if _decode(text) != plain:
+                            raise ValueError
+                    except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
+                        text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
+                else:
+                    text = encode_typed(self.data, key, self.where)
+                    if text != self.baseline:
+                        check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
+                        if self.dropped:
+                            logger.info("session %r: dropped the stored fields %s, which %s no longer has",
+                                        key, ", ".join(self.dropped), m.dataclass.__name__)
+                if text != self.baseline:
+                    try:
+                        record = RECORD_ENCODED % (m.version, _encode(time.time()), _encode(key), text)
+                    except UnicodeEncodeError:  # a key with a lone surrogate: as the json module writes it
+                        record = build_record(key, text, m.version, time.time())
+                elif self.deleted and self.raw is not None:
+                    self.store.delete(key, previous=self.raw)
         except BaseException:
             self.state = _CLOSED
             self.store.release(key, self.token)
@@ -162,7 +209,7 @@ class _Handle:
         if record is None:
             self.store.release(key, self.token)
         else:  # one call: a store may write and unlock in one round trip
-            self.store.save_and_release(key, record, previous=self.raw, ttl=self.manager.ttl, token=self.token)
+            self.store.save_and_release(key, record, previous=self.raw, ttl=m.ttl, token=self.token)
 
     def abandon(self) -> None:
         """Release the lock without saving (the handler's outcome is unknown)."""
@@ -171,56 +218,34 @@ class _Handle:
             self.store.release(cast(str, self.key), self.token)
         self.state = _CLOSED
 
-    def _commit(self) -> Optional[bytes]:
-        """The record to save, or ``None`` when nothing changed (a dropped session is deleted here)."""
-        m = self.manager
-        key: str = self.key  # type: ignore[assignment]
-        if m.dataclass is None:
-            # encode_json and build_record, inlined for the usual case: encoded, checked to read
-            # back equal (changed or not), and compared with what was loaded.
-            plain = self.data
-            try:
-                text: bytes = _encode(plain)
-                if _decode(text) != plain:
-                    raise ValueError
-            except (TypeError, ValueError, OverflowError, RecursionError, DecodeError):
-                text = encode_json(plain, key, self.where)  # raises SerializationError naming the path
-        else:
-            text = encode_typed(self.data, key, self.where)
-            if text != self.baseline:
-                check_typed(self.data, text, m.dataclass, key, self.where)  # type: ignore[arg-type]
-                if self.dropped:
-                    logger.info("session %r: dropped the stored fields %s, which %s no longer has",
-                                key, ", ".join(self.dropped), m.dataclass.__name__)
-        if text == self.baseline:
-            if self.deleted and self.raw is not None:
-                self.store.delete(key, previous=self.raw)
-            return None
-        try:
-            seconds, us = divmod(time.time_ns() // 1000, 1_000_000)
-            return RECORD_US % (m.version, seconds, us, _encode(key), text)
-        except UnicodeEncodeError:  # a key with a lone surrogate: as the json module writes it
-            return build_record(key, text, m.version, time.time())
-
 
 class _Frame:
-    """One entry of the thread's session stack: a handle seen through one manager."""
+    """A stack entry of a scope that re-entered a session an outer scope holds (and saves),
+    seen through ``manager``; it reads as the handle does (``state``, ``data``, ``value()``)."""
 
-    __slots__ = ("manager", "handle", "origin", "owner")
+    __slots__ = ("manager", "handle", "origin")
 
-    def __init__(self, manager: "Sessions[Any]", handle: _Handle, origin: Any, owner: bool) -> None:
+    owner = False
+
+    def __init__(self, manager: "Sessions[Any]", handle: _Handle, origin: Any) -> None:
         self.manager = manager
         self.handle = handle
         self.origin = origin  # the middleware that opened it, or None
-        self.owner = owner  # False when it re-entered a session an outer scope holds
 
-    def close(self, success: bool) -> None:
-        """Leave the scope: save (if it owns the session and may), unlock, unbind."""
-        try:
-            if self.owner:
-                self.handle.close(success)
-        finally:
-            context.remove(self)
+    @property
+    def state(self) -> int:
+        return self.handle.state
+
+    @property
+    def data(self) -> Any:
+        return self.handle.data
+
+    def value(self) -> Any:
+        return self.handle.value()
+
+    def leave(self, success: bool) -> None:
+        """Leave the scope: unbind only (the outer scope saves and unlocks)."""
+        context.remove(self)
 
 
 class _Scope(Generic[T]):
@@ -230,15 +255,14 @@ class _Scope(Generic[T]):
     (``manager._stored_key(key)``, e.g. ``"session:123"``).
     """
 
-    __slots__ = ("manager", "key", "origin", "frame", "owner", "lazy")
+    __slots__ = ("manager", "key", "origin", "frame", "lazy")
 
     def __init__(self, manager: "Sessions[T]", key: Optional[str], origin: Any = None,
                  lazy: Optional[bool] = None) -> None:
         self.manager = manager
         self.key = None if key is None else manager._stored_key(key)
         self.origin = origin
-        self.frame: Optional[_Frame] = None
-        self.owner = False
+        self.frame: Union[_Handle, _Frame, None] = None
         self.lazy = manager.lazy if lazy is None else lazy  # the middleware's bypass makes a scope lazy
 
     def __enter__(self) -> T:
@@ -257,12 +281,13 @@ class _Scope(Generic[T]):
                         other.store is m.store or other.store.location == location):
                     handle = other  # re-entered: same session object, the outer scope saves it
                     break
-        self.owner = handle is None
         if handle is None:
-            handle = _Handle(m, key)
+            handle = frame = _Handle(m, key, self.origin)
             if key is not None and not self.lazy:
                 handle.load()
-        self.frame = frame = _Frame(m, handle, self.origin, self.owner)
+        else:
+            frame = _Frame(m, handle, self.origin)
+        self.frame = frame
         if frames:
             context.push(frame)
         else:
@@ -270,7 +295,7 @@ class _Scope(Generic[T]):
         return handle
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        cast(_Frame, self.frame).close(exc_type is None)
+        cast(_Handle, self.frame).leave(exc_type is None)
 
 
 def open_for(manager: "Sessions[Any]", key: Optional[str], origin: Any, lazy: Optional[bool]) -> _Handle:
@@ -281,9 +306,9 @@ def open_for(manager: "Sessions[Any]", key: Optional[str], origin: Any, lazy: Op
     """
     if key is None or lazy or manager.lazy or context._stack.get():
         return _Scope(manager, key, origin, lazy).enter()
-    handle = _Handle(manager, manager._stored_key(key))
+    handle = _Handle(manager, manager._stored_key(key), origin)
     handle.load()
-    context._stack.set((_Frame(manager, handle, origin, True),))
+    context._stack.set((handle,))
     return handle
 
 
@@ -300,7 +325,9 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
     With no session active in this thread (nothing to re-enter), an eagerly loaded session
     skips the ``_Scope`` object and the search for an outer holder: the same steps, fewer calls.
     """
-    key = manager.key_of(update)
+    key = manager.key(update)
+    if type(key) is not str or not key.isascii():  # (key_of's checks, the usual case inlined)
+        key = manager._checked_key(key)
     if key is None or manager.lazy or context._stack.get():
         scope: _Scope[Any] = _Scope(manager, key)
         scope.enter()
@@ -311,10 +338,9 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
             raise
         scope.__exit__(None, None, None)
         return result
-    handle = _Handle(manager, manager._stored_key(key))
+    handle = _Handle(manager, manager._namespace + key)  # (_stored_key, inlined)
     handle.load()
-    frame = _Frame(manager, handle, None, True)
-    stack = (frame,)
+    stack = (handle,)
     bound = context._stack
     bound.set(stack)
     try:
@@ -323,7 +349,7 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
         try:
             handle.close(False)
         finally:
-            context.unbind_only(frame, stack)
+            context.unbind_only(handle, stack)
         raise
     try:
         handle.close(True)
@@ -331,7 +357,7 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
         if bound.get() is stack:  # the handler left the stack as it found it (the usual case)
             bound.set(())
         else:
-            context.remove(frame)
+            context.remove(handle)
     return result
 
 
@@ -541,7 +567,10 @@ class Sessions(Generic[T]):
 
     def key_of(self, update: Any) -> Optional[str]:
         """The session key of an update, checked to be a ``str`` or ``None``."""
-        key = self.key(update)
+        return self._checked_key(self.key(update))
+
+    def _checked_key(self, key: Any) -> Optional[str]:
+        """What the key function returned, checked: a valid ``str``, or ``None``."""
         if key is None:
             return key
         if type(key) is str:
@@ -589,10 +618,10 @@ class Sessions(Generic[T]):
             return data
         return from_plain(self.dataclass, data, stored, where)[0]
 
-    def _frame(self) -> _Frame:
+    def _frame(self) -> Union[_Handle, _Frame]:
         for frame in reversed(context.active_frames()):
             if frame.manager is self:
-                return cast(_Frame, frame)
+                return cast(_Handle, frame)
         raise NoActiveSession(f"no session of the manager {self.name!r} is active: " + context.UNBOUND)
 
     def _current_value(self) -> Any:

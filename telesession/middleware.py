@@ -140,7 +140,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
         stack = bound.get()
         if len(stack) == 1 and stack[0].origin is self and stack[0].owner:  # the usual case, in fewer calls
             try:
-                stack[0].handle.close(exception is None)
+                stack[0].close(exception is None)  # (the owner's frame is its handle)
             except Exception as exc:  # the save failed: nothing was written
                 self.report(update, exc)
             finally:
@@ -152,7 +152,7 @@ class SessionMiddleware(BaseMiddleware):  # type: ignore[misc,valid-type]
             for frame in reversed(stack):
                 if frame.origin is self:
                     try:
-                        frame.close(exception is None)
+                        frame.leave(exception is None)
                     except Exception as exc:  # the save failed: nothing was written
                         self.report(update, exc)
                     break

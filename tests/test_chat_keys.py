@@ -104,6 +104,29 @@ def test_every_key_strategy_keeps_business_connections_apart():
         assert len(found) == 3, strategy.__name__
 
 
+def test_by_chat_answers_a_plain_message_in_one_step_and_agrees_with_the_general_path():
+    """by_chat's shortcut for telebot's ``Message`` gives what chat_id_of + _scoped give."""
+    def general(m):
+        found = keys.chat_id_of(m)
+        found = keys.user_id_of(m) if found is None else found
+        return None if found is None else keys._scoped(m, str(found))
+
+    class MyMessage(types.Message):  # a subclass takes the general path
+        pass
+
+    direct = update(message=message_dict("x", -100123, 9)).message
+    via_a = update(business_message=message_dict("x", 9, 9, business_connection_id="bcA")).business_message
+    no_chat = update(message=message_dict("x", 5, 7)).message
+    no_chat.chat = None  # built by hand: falls back to the user, as before
+    sub = update(message=message_dict("x", 42, 9)).message
+    sub.__class__ = MyMessage
+    keys.by_chat(direct)  # the first call finds telebot's Message class
+    assert keys._message_type is types.Message
+    cases = {"-100123": direct, "b:bcA:9": via_a, "7": no_chat, "42": sub}
+    for expected, message in cases.items():
+        assert keys.by_chat(message) == general(message) == expected
+
+
 # -- group -> supergroup -----------------------------------------------------------------------------
 
 

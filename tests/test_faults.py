@@ -136,6 +136,11 @@ def test_record_file_replaced_by_a_directory(tmp_path):
             pass
     assert type(caught.value) is StoreError and caught.value.key == "session:k"
     assert "'session:k'" in str(caught.value) and path in str(caught.value)
+    taken = []  # the failed read gave the key's lock back: another thread takes it at once
+    taker = threading.Thread(target=lambda: taken.append(store.release("session:k", store.acquire("session:k", 0))))
+    taker.start()
+    taker.join()
+    assert taken == [None]
 
     record = build_record("session:k", '{"count":5}', 0, time.time())
     with pytest.raises(StoreError) as caught:

@@ -207,6 +207,34 @@ def test_key_function_must_return_a_string():
         sessions.open("\udcff")
 
 
+def test_a_handler_key_is_computed_once_and_checked_on_every_path():
+    calls = []
+    returned = {"key": "чат-1"}
+
+    class Key(str):
+        pass
+
+    def key(update):
+        calls.append(update)
+        return returned["key"]
+
+    sessions = Sessions(key=key, initial=lambda: {"n": 0})
+
+    @sessions.with_session
+    def handler(update):
+        session["n"] += 1
+        return session["n"]
+
+    assert handler("u1") == 1 and calls == ["u1"]  # a non-ASCII key: checked, then stored
+    returned["key"] = Key("чат-1")  # a str subclass: the same session
+    assert handler("u2") == 2 and calls == ["u1", "u2"]
+    returned["key"] = "\udcff"  # a lone surrogate cannot be stored anywhere
+    with pytest.raises(ValueError, match="surrogate"):
+        handler("u3")
+    assert calls == ["u1", "u2", "u3"]
+    assert sessions.get("чат-1") == {"n": 2}
+
+
 def test_module_level_with_session_follows_configure(tmp_path):
     @telesession.with_session
     def handler(update):

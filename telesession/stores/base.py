@@ -11,7 +11,8 @@ with a cheaper bulk read overrides.  Locking comes from the base class: among th
 by ``telesession.locking.KeyLocks`` shared by every store object on the same
 location; a backend that is shared between processes adds its own exclusion by
 overriding ``_lock_external`` and ``_unlock_external`` (and, where the lock and the
-record can travel in one round trip, ``load_locked`` and ``save_and_release``).
+record can travel in one round trip, ``load_locked`` and ``save_and_release``; a store
+whose lock and read are cheap local steps may take both in ``acquire_and_load``).
 """
 import abc
 import time
@@ -121,6 +122,16 @@ class Store(abc.ABC):
         """``load`` right after ``acquire`` returned ``token``: a store whose lock call already
         read the record (Redis) returns that copy instead of asking again."""
         return self.load(key)
+
+    def acquire_and_load(self, key: str, timeout: float) -> Tuple[Any, Optional[bytes]]:
+        """``acquire``, then ``load_locked``: how a handler's scope starts, in one call.  The
+        lock is given back if the read fails."""
+        token = self.acquire(key, timeout)
+        try:
+            return token, self.load_locked(key, token)
+        except BaseException:
+            self.release(key, token)
+            raise
 
     def save_and_release(self, key: str, record: bytes, *, previous: Optional[bytes], ttl: Optional[float],
                          token: Any) -> None:

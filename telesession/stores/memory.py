@@ -32,13 +32,11 @@ class MemoryStore(Store):
         locks = self._locks
         if locks is None or self._locks_pid != locking._pid:
             locks = self._thread_locks()
-        entries = locks._entries
-        if key not in entries:  # KeyLocks.acquire's first step, inlined: the usual, free key
-            lock = _allocate_lock()
-            lock.acquire()
-            mine = [lock, _get_ident(), 1]
-            if entries.setdefault(key, mine) is mine:
-                return True
+        lock = _allocate_lock()  # KeyLocks.acquire's first step, inlined: the usual, free key
+        lock.acquire()
+        mine = [lock, _get_ident(), 1]
+        if locks._entries.setdefault(key, mine) is mine:
+            return True
         got = locks.acquire(key, timeout)
         if got == ACQUIRED:
             return True
@@ -62,6 +60,16 @@ class MemoryStore(Store):
 
     def load_locked(self, key: str, token: Any) -> Optional[bytes]:
         return self._records.get(key)
+
+    def acquire_and_load(self, key: str, timeout: float) -> Tuple[Any, Optional[bytes]]:
+        locks = self._locks
+        if locks is not None and self._locks_pid == locking._pid:  # acquire's first step, inlined
+            lock = _allocate_lock()
+            lock.acquire()
+            mine = [lock, _get_ident(), 1]
+            if locks._entries.setdefault(key, mine) is mine:
+                return True, self._records.get(key)
+        return self.acquire(key, timeout), self._records.get(key)  # (a dict lookup cannot fail)
 
     def save_and_release(self, key: str, record: bytes, *, previous: Optional[bytes], ttl: Optional[float],
                          token: Any) -> None:
