@@ -618,7 +618,7 @@ def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
     structure (``Store`` protocol calls, key checks, re-entrance, ``ttl``, versions, typed
     sessions).  It shows what the steps cost and what the structure adds to them."""
     from telesession import context as session_context
-    from telesession.locking import _allocate_lock, _get_ident
+    from telesession.locking import _WAITERS, _get_ident, _wake
     from telesession.manager import _LOADED, _Handle
     from telesession.records import RECORD_ENCODED, _decode_record, _msgspec_decode, _msgspec_encode
 
@@ -633,9 +633,7 @@ def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
 
     def increment(message: Any) -> None:
         key = namespace + str(message.chat.id)
-        lock = _allocate_lock()
-        lock.acquire()
-        entry = [lock, _get_ident(), 1]
+        entry = [_get_ident(), 1]
         if entries.setdefault(key, entry) is not entry:
             raise RuntimeError("key busy")
         data = _decode_record(records[key]).data
@@ -651,7 +649,8 @@ def inlined_memory_increment(keys: Sequence[str]) -> Callable[[Any], None]:
             records[key] = RECORD_ENCODED % (0, _msgspec_encode(time.time()), _msgspec_encode(key), text)
         stack.set(())
         del entries[key]
-        lock.release()
+        if len(entry) > _WAITERS:
+            _wake(entry)
 
     return increment
 

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, Hashable, List, Optional, Tuple, Union
+from typing import Any, Dict, Hashable, List, Optional, Tuple, Union
 
 from .locking_portable import PortableLockFile, take_mutex
 
@@ -40,11 +40,19 @@ logger = logging.getLogger("telesession")
 _get_ident = threading.get_ident
 
 
-# A held key's entry: [lock, owner, depth].  The lock is created already taken by its owner
-# and the entry is unregistered before it is unlocked.  A list, not a class: it is made and
-# dropped on every update, and a list costs a fraction of an object with an ``__init__``.
-_LOCK, _OWNER, _DEPTH = 0, 1, 2
+# A held key's entry: [owner, depth, *waiters].  A thread that finds the key held appends a
+# lock of its own, already taken, and sleeps on it; the holder unregisters the entry, then
+# releases every lock appended to it (``_wake``).  An uncontended key allocates no lock at
+# all.  A list, not a class: it is made and dropped on every update, and a list costs a
+# fraction of an object with an ``__init__``.
+_OWNER, _DEPTH, _WAITERS = 0, 1, 2
 _allocate_lock = threading.Lock
+
+
+def _wake(entry: list) -> None:  # type: ignore[type-arg]
+    """Wake the threads waiting for an entry its holder has just unregistered."""
+    for waiter in entry[_WAITERS:]:
+        waiter.release()
 
 
 class KeyLocks:
@@ -53,44 +61,40 @@ class KeyLocks:
     No mutex guards the registry: an uncontended key costs one ``dict.setdefault``
     to take and one ``del`` to give back (both atomic), so pool threads working on
     different chats never block each other -- under the GIL a blocked thread costs
-    a thread switch, and on 2 cores that dominated the whole session layer.  The
-    holder unregisters its entry before unlocking it; a waiter that wakes up
-    therefore always finds the key free or taken by a newer entry, and tries again.
+    a thread switch, and on 2 cores that dominated the whole session layer.  A waiter
+    appends its lock to the entry and then checks that the entry is still registered;
+    the holder unregisters the entry and then reads its waiters.  So either the holder
+    sees the waiter's lock and releases it, or the waiter sees the key free and tries
+    again: a wake-up is never lost.
     """
 
     def __init__(self) -> None:
-        self._entries: Dict[str, list] = {}  # type: ignore[type-arg]
+        self._entries: Dict[str, Any] = {}  # key -> [owner, depth, *waiters]
 
     def acquire(self, key: str, timeout: float) -> int:
         """Take ``key`` for this thread: ``ACQUIRED``, ``REENTERED`` (this thread held it already),
         or ``0`` if another thread kept it past ``timeout`` seconds."""
         me = _get_ident()
         entries = self._entries
-        entry = entries.get(key)
-        if entry is None:
-            lock = _allocate_lock()
-            lock.acquire()
-            mine = [lock, me, 1]
-            entry = entries.setdefault(key, mine)
-            if entry is mine:
-                return ACQUIRED
-        elif entry[_OWNER] == me:
+        mine = [me, 1]
+        entry = entries.setdefault(key, mine)
+        if entry is mine:
+            return ACQUIRED
+        if entry[_OWNER] == me:
             entry[_DEPTH] += 1
             return REENTERED
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
-            if entry is None:
-                lock = _allocate_lock()
-                lock.acquire()
-                mine = [lock, me, 1]
-                entry = entries.setdefault(key, mine)
-                if entry is mine:
-                    return ACQUIRED
-            remaining = max(deadline - time.monotonic(), 0.0)
-            if not entry[_LOCK].acquire(timeout=remaining):
-                return 0
-            entry[_LOCK].release()  # let the other waiters of this (now unregistered) entry go too
-            entry = entries.get(key)
+            waiter = _allocate_lock()
+            waiter.acquire()
+            entry.append(waiter)
+            if entries.get(key) is entry:  # still held: its holder will release our lock
+                remaining = min(deadline - time.monotonic(), threading.TIMEOUT_MAX)
+                if not (remaining > 0 and waiter.acquire(timeout=remaining)):
+                    return ACQUIRED if entries.setdefault(key, mine) is mine else 0  # one last try
+            entry = entries.setdefault(key, mine)
+            if entry is mine:
+                return ACQUIRED
 
     def release(self, key: str) -> None:
         """Give ``key`` back; its entry disappears, so the registry holds only held keys."""
@@ -102,7 +106,8 @@ class KeyLocks:
             return
         entry[_OWNER] = None
         del self._entries[key]
-        entry[_LOCK].release()
+        if len(entry) > _WAITERS:
+            _wake(entry)
 
     def holds(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""

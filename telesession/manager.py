@@ -63,16 +63,18 @@ class _Handle:
 
     owner = True  # (as a frame) this scope saves and unlocks the session
 
+    # Set by load(), and read only once state is _LOADED (not set here: one step less per update).
+    token: Any
+    raw: Optional[bytes]
+    data: Any
+    baseline: Optional[bytes]  # the session's JSON as loaded: change detection
+
     def __init__(self, manager: "Sessions[Any]", key: Optional[str], origin: Any = None) -> None:
         self.manager = manager
         self.key = key
         self.origin = origin  # (as a frame) the middleware that opened it, or None
         self.store = manager.store
         self.state = _UNLOADED
-        self.token: Any = None
-        self.raw: Optional[bytes] = None
-        self.data: Any = None
-        self.baseline: Optional[bytes] = None  # the session's JSON as loaded: change detection
         self.deleted = False
         self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has
         self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
@@ -328,7 +330,8 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
     key = manager.key(update)
     if type(key) is not str or not key.isascii():  # (key_of's checks, the usual case inlined)
         key = manager._checked_key(key)
-    if key is None or manager.lazy or context._stack.get():
+    bound = context._stack
+    if key is None or manager.lazy or bound.get():
         scope: _Scope[Any] = _Scope(manager, key)
         scope.enter()
         try:
@@ -341,7 +344,6 @@ def _run(manager: "Sessions[Any]", func: Callable[..., Any], update: Any, *args:
     handle = _Handle(manager, manager._namespace + key)  # (_stored_key, inlined)
     handle.load()
     stack = (handle,)
-    bound = context._stack
     bound.set(stack)
     try:
         result = func(update, *args, **kwargs) if args or kwargs else func(update)

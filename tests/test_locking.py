@@ -48,6 +48,40 @@ def test_one_owner_per_key_under_heavy_contention():
     assert len(locks) == 0 and locks.held() == []
 
 
+def test_no_wake_up_is_lost_when_threads_switch_at_every_step():
+    """A waiter appends its lock and re-checks the entry; the holder unregisters, then wakes.
+
+    With the interpreter switching threads every microsecond, every interleaving of those
+    steps happens thousands of times; a lost wake-up would leave a waiter asleep until its
+    timeout (acquire returns 0), so every acquire must succeed.
+    """
+    locks = KeyLocks()
+    failed = []
+    count = [0]
+    start = threading.Barrier(6)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(4000):
+            if locks.acquire("one", 20.0) != ACQUIRED:
+                failed.append("timed out")
+                return
+            count[0] += 1
+            locks.release("one")
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert failed == [] and count[0] == 6 * 4000 and len(locks) == 0
+
+
 def test_timeout_reentry_and_release_by_owner_only():
     locks = KeyLocks()
     assert locks.acquire("a", 1.0) == ACQUIRED

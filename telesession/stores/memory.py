@@ -3,7 +3,7 @@ import threading
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .. import locking
-from ..locking import _OWNER, ACQUIRED, REENTERED, _allocate_lock, _get_ident
+from ..locking import _DEPTH, _OWNER, _WAITERS, ACQUIRED, REENTERED, _get_ident, _wake
 from .base import Store
 
 __all__ = ["MemoryStore"]
@@ -26,20 +26,20 @@ class MemoryStore(Store):
         return self._records.get(key)
 
     # The lock and I/O calls of an update, without the steps for an external lock that this
-    # store never has (the base class's versions do the same with a few more calls).
+    # store never has.  The token of a lock taken afresh is its ``KeyLocks`` entry: giving it
+    # back checks that entry is still the registered one, with no thread id to look up
+    # (``None``: re-entered).
 
     def acquire(self, key: str, timeout: float) -> Any:
         locks = self._locks
         if locks is None or self._locks_pid != locking._pid:
             locks = self._thread_locks()
-        lock = _allocate_lock()  # KeyLocks.acquire's first step, inlined: the usual, free key
-        lock.acquire()
-        mine = [lock, _get_ident(), 1]
+        mine = [_get_ident(), 1]  # KeyLocks.acquire's first step, inlined: the usual, free key
         if locks._entries.setdefault(key, mine) is mine:
-            return True
+            return mine
         got = locks.acquire(key, timeout)
         if got == ACQUIRED:
-            return True
+            return locks._entries[key]
         if got == REENTERED:
             return None
         raise self._timeout(key, timeout)
@@ -48,13 +48,14 @@ class MemoryStore(Store):
         locks = self._locks
         if locks is None or self._locks_pid != locking._pid:
             locks = self._thread_locks()
-        if token is True:  # KeyLocks.release inlined for a key taken once (token None: re-entered)
+        if token is not None:  # KeyLocks.release inlined for a key taken once
             entries = locks._entries
             entry = entries.get(key)
-            if entry is not None and entry[_OWNER] == _get_ident() and entry[2] == 1:
+            if entry is token and entry is not None and entry[_DEPTH] == 1:
                 entry[_OWNER] = None
                 del entries[key]
-                entry[0].release()
+                if len(entry) > _WAITERS:
+                    _wake(entry)
                 return
         locks.release(key)
 
@@ -64,25 +65,24 @@ class MemoryStore(Store):
     def acquire_and_load(self, key: str, timeout: float) -> Tuple[Any, Optional[bytes]]:
         locks = self._locks
         if locks is not None and self._locks_pid == locking._pid:  # acquire's first step, inlined
-            lock = _allocate_lock()
-            lock.acquire()
-            mine = [lock, _get_ident(), 1]
+            mine = [_get_ident(), 1]
             if locks._entries.setdefault(key, mine) is mine:
-                return True, self._records.get(key)
+                return mine, self._records.get(key)
         return self.acquire(key, timeout), self._records.get(key)  # (a dict lookup cannot fail)
 
     def save_and_release(self, key: str, record: bytes, *, previous: Optional[bytes], ttl: Optional[float],
                          token: Any) -> None:
         self._records[key] = record
-        if token is True:  # release() inlined (see there)
+        if token is not None:  # release() inlined (see there)
             locks = self._locks
             if locks is not None and self._locks_pid == locking._pid:
                 entries = locks._entries
                 entry = entries.get(key)
-                if entry is not None and entry[_OWNER] == _get_ident() and entry[2] == 1:
+                if entry is token and entry is not None and entry[_DEPTH] == 1:
                     entry[_OWNER] = None
                     del entries[key]
-                    entry[0].release()
+                    if len(entry) > _WAITERS:
+                        _wake(entry)
                     return
         self.release(key, token)
 

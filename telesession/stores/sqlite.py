@@ -20,7 +20,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 from .. import locking
 from ..errors import ConflictError, CorruptSessionError, StoreError
-from ..locking import _OWNER, _allocate_lock, _get_ident, current_pid, key_offset
+from ..locking import _DEPTH, _OWNER, _WAITERS, _get_ident, _wake, current_pid, key_offset
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -247,9 +247,7 @@ class SQLiteStore(Store):
         if (locks is None or self._locks_pid != locking._pid or lock_file is None
                 or self._lock_file_pid != locking._pid or key in locks._entries):
             return super().acquire(key, timeout)  # first use, a forked child, or a key held here
-        lock = _allocate_lock()
-        lock.acquire()
-        mine = [lock, _get_ident(), 1]
+        mine = [_get_ident(), 1]
         entries = locks._entries
         if entries.setdefault(key, mine) is not mine:
             return super().acquire(key, timeout)  # another thread took it just now: wait as usual
@@ -268,13 +266,14 @@ class SQLiteStore(Store):
         if type(token) is tuple and locks is not None and self._locks_pid == locking._pid:
             entries = locks._entries
             entry = entries.get(key)
-            if entry is not None and entry[_OWNER] == _get_ident() and entry[2] == 1:
+            if entry is not None and entry[_OWNER] == _get_ident() and entry[_DEPTH] == 1:
                 try:
                     token[0].unlock_at(token[1])
                 finally:
                     entry[_OWNER] = None
                     del entries[key]
-                    entry[0].release()
+                    if len(entry) > _WAITERS:
+                        _wake(entry)
                 return
         super().release(key, token)
 
