@@ -38,6 +38,7 @@ KeyFunc = Callable[[Any], Optional[str]]
 # telebot.types.Message, once telebot is loaded (looked up, not imported: importing
 # telesession does not import telebot): by_chat's one-step path for a plain message.
 _message_type: Any = None
+_NO_SHORTCUT = object()  # _message_type when this telebot's Message cannot take the shortcut
 
 
 def chat_id_of(update: Any) -> Optional[int]:
@@ -84,7 +85,10 @@ def by_chat(update: Any) -> Optional[str]:
             if chat_id is not None:
                 return str(chat_id)
     elif _message_type is None:
-        _message_type = getattr(sys.modules.get("telebot.types"), "Message", None)
+        message_type = getattr(sys.modules.get("telebot.types"), "Message", None)
+        if message_type is not None and type(update) is message_type:  # decided on the first message:
+            # a telebot older than Bot API 7.2 has no business_connection_id: no shortcut then
+            _message_type = message_type if hasattr(update, "business_connection_id") else _NO_SHORTCUT
     chat = getattr(update, "chat", None)
     if chat is not None and chat.id is not None and getattr(update, "business_connection_id", None) is None \
             and getattr(update, "message", None) is None:

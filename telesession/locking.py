@@ -85,13 +85,16 @@ class KeyLocks:
             return REENTERED
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
+            remaining = min(deadline - time.monotonic(), threading.TIMEOUT_MAX)
+            if not remaining > 0:
+                return ACQUIRED if entries.setdefault(key, mine) is mine else 0  # one last try
             waiter = _allocate_lock()
             waiter.acquire()
             entry.append(waiter)
-            if entries.get(key) is entry:  # still held: its holder will release our lock
-                remaining = min(deadline - time.monotonic(), threading.TIMEOUT_MAX)
-                if not (remaining > 0 and waiter.acquire(timeout=remaining)):
-                    return ACQUIRED if entries.setdefault(key, mine) is mine else 0  # one last try
+            still_held = entries.get(key) is entry  # then its holder will release our lock
+            if still_held and not waiter.acquire(timeout=remaining):
+                entry.remove(waiter)  # gave up: leave nothing in the holder's entry
+                return ACQUIRED if entries.setdefault(key, mine) is mine else 0  # one last try
             entry = entries.setdefault(key, mine)
             if entry is mine:
                 return ACQUIRED

@@ -24,8 +24,8 @@ from msgspec import DecodeError
 from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import (RECORD_ENCODED, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode, build_record,
-                      encode_json, read_record)
+from .records import (RECORD_ENCODED, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode,
+                      build_record, encode_json, read_record)
 from .stores.base import Store
 from .typed import adopt, check_typed, encode_typed, from_plain, reset_in_place
 
@@ -77,7 +77,8 @@ class _Handle:
         self.state = _UNLOADED
         self.deleted = False
         self.dropped: Sequence[str] = ()  # stored fields the dataclass no longer has
-        self.pid = locking._pid  # (current_pid() without the call) a forked child must not save or unlock its parent's session
+        # (current_pid() without the call) a forked child must not save or unlock its parent's session
+        self.pid = locking._pid
 
     @property
     def handle(self) -> "_Handle":

@@ -127,6 +127,15 @@ def test_by_chat_answers_a_plain_message_in_one_step_and_agrees_with_the_general
         assert keys.by_chat(message) == general(message) == expected
 
 
+def test_by_chat_without_business_connection_id_on_an_older_telebot(monkeypatch):
+    """A telebot before Bot API 7.2 has no ``Message.business_connection_id``: no shortcut then."""
+    monkeypatch.setattr(keys, "_message_type", None)
+    old = update(message=message_dict("x", 31, 9)).message
+    del old.business_connection_id  # what such a Message looks like
+    assert [keys.by_chat(old) for _ in range(3)] == ["31", "31", "31"]
+    assert keys._message_type is keys._NO_SHORTCUT
+
+
 # -- group -> supergroup -----------------------------------------------------------------------------
 
 

@@ -105,7 +105,12 @@ def test_timeout_reentry_and_release_by_owner_only():
     held, got, waited, refused = results
     assert held is False and got == 0 and waited >= 0.19
     assert "not held by this thread" in refused
-    assert locks.held() == ["a"]  # a waiter that timed out leaves nothing behind
+    assert locks.held() == ["a"]  # a waiter that timed out leaves nothing behind ...
+    assert len(locks._entries["a"]) == 2  # ... not even its lock in the holder's entry
+    other = threading.Thread(target=lambda: results.append(locks.acquire("a", 0)))
+    other.start()
+    other.join()
+    assert results[-1] == 0 and len(locks._entries["a"]) == 2  # a try-lock appends nothing either
     locks.release("a")
     assert locks.held() == ["a"]  # still held once (re-entered twice)
     locks.release("a")

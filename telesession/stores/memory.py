@@ -27,8 +27,8 @@ class MemoryStore(Store):
 
     # The lock and I/O calls of an update, without the steps for an external lock that this
     # store never has.  The token of a lock taken afresh is its ``KeyLocks`` entry: giving it
-    # back checks that entry is still the registered one, with no thread id to look up
-    # (``None``: re-entered).
+    # back checks that entry is still the registered one, taken once, by this thread
+    # (``None``: re-entered); anything else goes to ``KeyLocks.release``, which refuses it.
 
     def acquire(self, key: str, timeout: float) -> Any:
         locks = self._locks
@@ -51,7 +51,8 @@ class MemoryStore(Store):
         if token is not None:  # KeyLocks.release inlined for a key taken once
             entries = locks._entries
             entry = entries.get(key)
-            if entry is token and entry is not None and entry[_DEPTH] == 1:
+            if (entry is token and entry is not None and entry[_DEPTH] == 1
+                    and entry[_OWNER] == _get_ident()):
                 entry[_OWNER] = None
                 del entries[key]
                 if len(entry) > _WAITERS:
@@ -78,7 +79,8 @@ class MemoryStore(Store):
             if locks is not None and self._locks_pid == locking._pid:
                 entries = locks._entries
                 entry = entries.get(key)
-                if entry is token and entry is not None and entry[_DEPTH] == 1:
+                if (entry is token and entry is not None and entry[_DEPTH] == 1
+                        and entry[_OWNER] == _get_ident()):
                     entry[_OWNER] = None
                     del entries[key]
                     if len(entry) > _WAITERS:
