@@ -128,6 +128,11 @@ class KeyLocks:
 
 #: The byte of the writer lock (``RangeLockFile.lock_writer``): past every key's byte (at most 2**62).
 WRITER_OFFSET = (1 << 62) + 1
+#: The byte every process that opened the lock file holds a shared lock on: a process that
+#: can turn its own into an exclusive lock is the only one (``RangeLockFile.alone``).
+PRESENCE_OFFSET = WRITER_OFFSET + 1
+#: How long a process trusts what it last found out about being alone before asking again.
+ALONE_SECONDS = 0.05
 
 #: How long a lock byte held by another process is retried without sleeping (yielding the
 #: CPU between tries): a few queued writes, or a holder's turn on a busy core.  Sleeping at
@@ -161,6 +166,11 @@ class RangeLockFile:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         self._writer = threading.Lock()  # this process's threads, in front of the writer byte
+        # What the writer mutex guards: whether its holder took the writer byte, and whether
+        # this process was alone (asked again after ALONE_SECONDS).
+        self._took_byte = False
+        self._alone = self._check_alone()  # (this also marks the process present)
+        self._alone_until = time.monotonic() + ALONE_SECONDS
 
     def acquire(self, key: Optional[str], timeout: float) -> bool:
         """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
@@ -187,8 +197,9 @@ class RangeLockFile:
         """Take the store's writer lock for one write statement; ``False`` after ``timeout`` seconds.
 
         The threads of this process take turns on a mutex, processes on one byte of the file
-        (``WRITER_OFFSET``), instead of colliding inside SQLite, whose busy handler sleeps 1,
-        2, 5, 10... ms between retries.  A process waiting for the byte retries at once for
+        (``WRITER_OFFSET``; not taken while the process is ``alone``), instead of colliding
+        inside SQLite, whose busy handler sleeps 1, 2, 5, 10... ms between retries.  A
+        process waiting for the byte retries at once for
         ``SPIN_SECONDS`` (blocking in ``F_SETLKW`` cost a sleep and a wake-up per write, and
         made two processes slower than one), then sleeps between tries up to 2 ms.  A holder
         that dies loses the byte with its other locks; one that is stopped makes the writers
@@ -198,6 +209,10 @@ class RangeLockFile:
         if left is None:
             return False
         try:
+            if self.alone():  # no other process to take turns with: the mutex is enough
+                self._took_byte = False
+                return True
+            self._took_byte = True
             try:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, WRITER_OFFSET)
                 return True
@@ -215,9 +230,39 @@ class RangeLockFile:
 
     def unlock_writer(self) -> None:
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
+            if self._took_byte:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
         finally:
             self._writer.release()
+
+    def alone(self) -> bool:
+        """Whether no other process has the lock file open, as found out at most
+        ``ALONE_SECONDS`` ago (call it holding the writer mutex).
+
+        Only a hint: a single process skips the writer byte (two system calls a write).  A
+        process that arrives in between takes the byte, and until the next look the two
+        may meet in SQLite's busy handler, which costs time, never correctness.
+        """
+        now = time.monotonic()
+        if now >= self._alone_until:
+            self._alone = self._check_alone()
+            self._alone_until = now + ALONE_SECONDS
+        return self._alone
+
+    def _check_alone(self) -> bool:
+        """Ask the kernel: try to turn this process's shared lock on ``PRESENCE_OFFSET`` into
+        an exclusive one (possible only if no other process holds one), then share again."""
+        fd = self._fd
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)
+        except (BlockingIOError, PermissionError):
+            try:  # another process is present: be present too (a no-op when already shared)
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)
+            except (BlockingIOError, PermissionError):
+                pass  # it is asking the same question right now: we will be present next time
+            return False
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)  # (a downgrade never waits)
+        return True
 
     def _wait(self, offset: int, timeout: float, longest_sleep: float) -> bool:
         """Retry the byte at ``offset`` held by another process: at once, then sleeping."""

@@ -204,6 +204,61 @@ def test_writes_of_processes_queue_on_the_writer_byte(path):
             child.join(30)
 
 
+def _report_writer_byte_in_child(path, ready, go, result):
+    import fcntl
+
+    from telesession.locking import WRITER_OFFSET, range_lock_file_for
+
+    lock_file = range_lock_file_for(path + ".lock")  # this process is present from now on
+    try:
+        fcntl.lockf(lock_file._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, WRITER_OFFSET)
+        fcntl.lockf(lock_file._fd, fcntl.LOCK_UN, 1, WRITER_OFFSET)
+        result.value = 1  # the writer byte was free
+    except OSError:
+        result.value = 2  # another process held it
+    ready.set()
+    go.wait(30)
+
+
+def test_a_process_alone_skips_the_writer_byte_until_another_opens_the_store(path):
+    """The writer byte orders the writes of several processes. A process that has the lock
+    file to itself skips it (two system calls a write); once another process opens the
+    file, it takes the byte again, and when that one is gone it skips it again."""
+    ctx = multiprocessing.get_context("spawn")
+
+    def child_sees_writer_byte() -> tuple:
+        ready, go, result = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+        child = ctx.Process(target=_report_writer_byte_in_child, args=(path, ready, go, result))
+        child.start()
+        assert ready.wait(60)
+        return {1: "free", 2: "held"}[result.value], go, child
+
+    with SQLiteStore(path) as store:
+        lock_file = store._process_lock_file(None)
+        lock_file._alone_until = 0.0  # look again now (normally every ALONE_SECONDS)
+        assert lock_file.lock_writer(5)  # alone: the mutex only
+        seen, go, first = child_sees_writer_byte()
+        lock_file.unlock_writer()
+        assert seen == "free"
+        try:
+            lock_file._alone_until = 0.0
+            assert lock_file.alone() is False  # the first child is alive and present
+            assert lock_file.lock_writer(5)
+            seen, go2, second = child_sees_writer_byte()
+            lock_file.unlock_writer()
+            go2.set()
+            second.join(30)
+            assert seen == "held"
+            store.save("k", b"record")  # a write among processes works as before
+        finally:
+            go.set()
+            first.join(30)
+        assert first.exitcode == 0 and second.exitcode == 0
+        lock_file._alone_until = 0.0
+        assert lock_file.alone() is True  # both children are gone: alone again
+        assert store.load("k") == b"record"
+
+
 def test_a_writer_lock_held_too_long_fails_the_write_naming_key_and_lock_file(path):
     """A process that stops while holding the writer byte (SIGSTOP, a debugger) makes writes of
     other processes fail after the store's timeout, naming the key and the lock file, instead
