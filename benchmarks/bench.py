@@ -1641,7 +1641,7 @@ def breakdown(env: Env, which: str, ops: int) -> Dict[str, Any]:
           f"({ops:,} increments; us = share x the unprofiled overhead, {fmt_us(overhead_ns)} us, measured here)",
           ["step", "share", "~us"], rows,
           ["lock/unlock: thread + process key locks; read: the store's load; decode: the record and its baseline;",
-           "bind: key, handle, frame, context variable, the session proxy's item access; handler: the handler's own code;",
+           "bind: key, handle (its own frame), context variable, the session proxy's item access; handler: the handler's own code;",
            "encode/check: msgspec encode of the session and the decode that checks it reads back equal;",
            "compare + record: change detection and the record's bytes; write: the store's save (SQLite: writer lock,"
            " UPDATE); manager (rest): the remaining bytecode of the session scope."])
