@@ -169,7 +169,8 @@ class RangeLockFile:
         # What the writer mutex guards: whether its holder took the writer byte, and whether
         # this process was alone (asked again after ALONE_SECONDS).
         self._took_byte = False
-        self._alone = self._check_alone()  # (this also marks the process present)
+        self._be_present()
+        self._alone = self._check_alone()
         self._alone_until = time.monotonic() + ALONE_SECONDS
 
     def acquire(self, key: Optional[str], timeout: float) -> bool:
@@ -248,6 +249,22 @@ class RangeLockFile:
             self._alone = self._check_alone()
             self._alone_until = now + ALONE_SECONDS
         return self._alone
+
+    def _be_present(self) -> None:
+        """Take this process's shared lock on ``PRESENCE_OFFSET``, so that others know of it.
+
+        A process that is asking whether it is alone holds the byte exclusively for two
+        system calls: retry for up to a second (a stopped process could hold it longer;
+        then the next ``_check_alone`` makes us present)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)
+                return
+            except (BlockingIOError, PermissionError):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.0001)
 
     def _check_alone(self) -> bool:
         """Ask the kernel: try to turn this process's shared lock on ``PRESENCE_OFFSET`` into

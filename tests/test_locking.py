@@ -184,3 +184,47 @@ def test_a_forked_child_never_frees_its_parents_key(tmp_path, backend):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["LOCKED"], result.stdout + result.stderr
+
+
+def _ask_whether_alone_in_child(path, asking, opened, result):
+    import fcntl
+
+    from telesession.locking import PRESENCE_OFFSET, RangeLockFile
+
+    lock_file = RangeLockFile(path)
+    fcntl.lockf(lock_file._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)  # mid-question
+    asking.set()
+    time.sleep(0.2)  # the parent opens the file now, and must wait for the answer
+    fcntl.lockf(lock_file._fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PRESENCE_OFFSET)  # answered: shared again
+    opened.wait(30)
+    result.value = 1 if lock_file._check_alone() else 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX record locks")
+def test_a_process_that_opens_the_lock_file_while_another_asks_is_still_seen(tmp_path):
+    """Opening the lock file marks the process present even while another process holds the
+    presence byte for a moment to ask whether it is alone; otherwise the other would go on
+    taking itself to be alone, and skipping the writer byte, until this one next wrote."""
+    import multiprocessing
+
+    from telesession.locking import RangeLockFile
+
+    path = str(tmp_path / "store.lock")
+    ctx = multiprocessing.get_context("spawn")
+    asking, opened, result = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    child = ctx.Process(target=_ask_whether_alone_in_child, args=(path, asking, opened, result))
+    child.start()
+    try:
+        assert asking.wait(60)
+        lock_file = RangeLockFile(path)  # waits out the child's question, then holds its shared byte
+        try:
+            assert lock_file._alone is False  # the child is there
+            opened.set()
+            child.join(30)
+            assert child.exitcode == 0 and result.value == 2  # and the child sees us
+        finally:
+            os.close(lock_file._fd)
+    finally:
+        opened.set()
+        child.join(30)
+
