@@ -89,10 +89,6 @@ def by_chat(update: Any) -> Optional[str]:
         if message_type is not None and type(update) is message_type:  # decided on the first message:
             # a telebot older than Bot API 7.2 has no business_connection_id: no shortcut then
             _message_type = message_type if hasattr(update, "business_connection_id") else _NO_SHORTCUT
-    chat = getattr(update, "chat", None)
-    if chat is not None and chat.id is not None and getattr(update, "business_connection_id", None) is None \
-            and getattr(update, "message", None) is None:
-        return str(chat.id)  # a message-like object: chat_id_of and _scoped in one step
     chat_id = chat_id_of(update)
     if chat_id is None:
         chat_id = user_id_of(update)
