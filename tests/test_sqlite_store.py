@@ -1,6 +1,7 @@
 """SQLiteStore on real database files: records, conditional writes, threads, processes, files."""
 import multiprocessing
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -14,6 +15,14 @@ from telesession.stores.sqlite import SQLiteStore
 
 HOSTILE_KEYS = ["../x", "/", "\\", "..", ".", "ключ 🔑", "k" * 300, "lock:x", "x", "a\x00b",
                 "*", "%", "_", "' OR 1=1 --", "", " ", "CON", "x.lock"]
+
+
+def _posix_locks_only() -> None:
+    """Skip a test of the writer byte, which only the POSIX record-lock backend has."""
+    from telesession.locking import lock_backend
+
+    if lock_backend() != "posix":
+        pytest.skip("the writer byte belongs to the POSIX record-lock backend (filelock has none)")
 
 
 # -- child-process bodies (module level: spawn pickles them by name) ---------------------
@@ -126,9 +135,15 @@ def test_hostile_keys_are_distinct_and_round_trip(store):
     for i, key in enumerate(HOSTILE_KEYS):
         assert store.load(key) == f"record {i}".encode()
     assert sorted(store.keys()) == sorted(HOSTILE_KEYS)
-    # Keys are rows, never file names: nothing but the database's own files exists.
-    assert set(os.listdir(os.path.dirname(store.path))) <= {
-        "sessions.sqlite", "sessions.sqlite-wal", "sessions.sqlite-shm", "sessions.sqlite.lock"}
+    # Keys are rows, never file names: nothing but the database's own files exists, and the
+    # lock file (POSIX) or the directory of the filelock backend's per-key files, named by hash.
+    directory = os.path.dirname(store.path)
+    assert set(os.listdir(directory)) <= {
+        "sessions.sqlite", "sessions.sqlite-wal", "sessions.sqlite-shm", "sessions.sqlite.lock",
+        "sessions.sqlite.lock.d"}
+    locks = os.path.join(directory, "sessions.sqlite.lock.d")
+    for name in os.listdir(locks) if os.path.isdir(locks) else ():
+        assert re.fullmatch(r"[0-9a-f]{16}\.lock|store\.lock", name), name
 
 
 def test_lock_of_lock_x_is_not_the_lock_of_x(store):
@@ -179,6 +194,7 @@ def test_a_process_holding_a_key_excludes_others_but_not_other_keys(path):
 def test_writes_of_processes_queue_on_the_writer_byte(path):
     """Processes take turns for a write on one byte of the lock file, instead of colliding in
     SQLite, whose busy handler sleeps milliseconds between retries."""
+    _posix_locks_only()
     from telesession.locking import WRITER_OFFSET, key_offset
 
     assert all(key_offset(k) < WRITER_OFFSET for k in HOSTILE_KEYS)  # no key shares the writer's byte
@@ -225,10 +241,7 @@ def test_a_process_alone_skips_the_writer_byte_until_another_opens_the_store(pat
     """The writer byte orders the writes of several processes. A process that has the lock
     file to itself skips it (two system calls a write); once another process opens the
     file, it takes the byte again, and when that one is gone it skips it again."""
-    from telesession.locking import lock_backend
-
-    if lock_backend() != "posix":
-        pytest.skip("the writer byte belongs to the POSIX record-lock backend (filelock has none)")
+    _posix_locks_only()
     ctx = multiprocessing.get_context("spawn")
 
     def child_sees_writer_byte() -> tuple:
@@ -270,6 +283,7 @@ def test_a_writer_lock_held_too_long_fails_the_write_naming_key_and_lock_file(pa
     """A process that stops while holding the writer byte (SIGSTOP, a debugger) makes writes of
     other processes fail after the store's timeout, naming the key and the lock file, instead
     of hanging them forever; nothing is written, and writes go on once it is released."""
+    _posix_locks_only()
     ctx = multiprocessing.get_context("spawn")
     ready, go, released_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
     with SQLiteStore(path, timeout=0.3) as store:
@@ -294,9 +308,46 @@ def test_a_writer_lock_held_too_long_fails_the_write_naming_key_and_lock_file(pa
         assert store.load("k") == b"new"
 
 
+def _hold_write_transaction_in_child(path, ready, go):
+    conn = sqlite3.connect(path, isolation_level=None)  # another program: the sqlite3 shell, a backup
+    conn.execute("BEGIN IMMEDIATE")
+    ready.set()
+    go.wait(30)
+    conn.execute("ROLLBACK")
+    conn.close()
+
+
+def test_a_foreign_write_transaction_held_too_long_fails_the_write_naming_the_key(path):
+    """Another program that keeps a write transaction open makes a save wait in SQLite's busy
+    handler for the store's ``timeout``, then fail with a ``StoreError`` that names the key and
+    the database, with nothing written (either lock backend: no lock of ours is involved)."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    with SQLiteStore(path, timeout=0.3) as store:
+        store.save("k", b"old")
+        child = ctx.Process(target=_hold_write_transaction_in_child, args=(path, ready, go))
+        child.start()
+        try:
+            assert ready.wait(60)
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                store.save("k", b"new", previous=b"old")
+            assert time.monotonic() - started >= 0.25
+            assert info.value.key == "k" and "'k'" in str(info.value) and path in str(info.value)
+            assert "timeout" in str(info.value) and not isinstance(info.value, ConflictError)
+            assert store.load("k") == b"old"
+        finally:
+            go.set()
+            child.join(30)
+        assert child.exitcode == 0
+        store.save("k", b"new", previous=b"old")  # the transaction is gone: writes go on
+        assert store.load("k") == b"new"
+
+
 def test_threads_waiting_for_a_held_writer_lock_each_give_up_after_the_timeout(path):
     """Threads of one process queue for the writer lock behind each other: each must still
     give up after about ``timeout`` of its own wait, not after the waits of those before it."""
+    _posix_locks_only()
     ctx = multiprocessing.get_context("spawn")
     ready, go, released_at = ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
     timeout = 1.0
@@ -419,11 +470,13 @@ def test_every_file_is_owner_only_whatever_the_umask(tmp_path):
         store.release("k", token)
         directory = os.path.dirname(path)
         names = sorted(os.listdir(directory))
-        assert "sessions.sqlite" in names and "sessions.sqlite.lock" in names
-        for name in names:
-            mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
-            assert mode == 0o600, f"{name} has mode {oct(mode)}"
-        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        # the lock file (POSIX record locks), or the filelock backend's directory of lock files
+        assert "sessions.sqlite" in names and ("sessions.sqlite.lock" in names or "sessions.sqlite.lock.d" in names)
+        for top, dirs, files in os.walk(directory):
+            for name in files:
+                mode = stat.S_IMODE(os.stat(os.path.join(top, name)).st_mode)
+                assert mode == 0o600, f"{name} has mode {oct(mode)}"
+            assert stat.S_IMODE(os.stat(top).st_mode) == 0o700, f"{top} is not owner-only"
         store.close()
     finally:
         os.umask(old)
