@@ -6,6 +6,7 @@
     python benchmarks/bench.py --json out.json  # also write machine-readable results
     python benchmarks/bench.py --profile json   # cProfile one store's per-update path
     python benchmarks/bench.py --breakdown sqlite-NORMAL  # per-update cost by step (lock, decode, ...)
+    python benchmarks/bench.py --only 5 --e2e sqlite --e2e-reps 25  # one pair of section 5, many rounds
 
 Every figure comes from this run: medians of several repetitions, and every ratio is
 against a baseline measured in the same run (the micro-benchmarks of sections 1-3 are
@@ -364,6 +365,7 @@ class Env:
         self._n = 0
         self.last_dir: Optional[str] = None  # the directory of the last store made (None: Redis, memory)
         self.pin = True  # section 5 on one core
+        self.e2e_only: Optional[List[str]] = None  # section 5: only configurations whose name has one of these
 
     def fresh_dir(self, label: str) -> str:
         self._n += 1
@@ -1129,6 +1131,8 @@ def _section_e2e(env: Env, pinned: Optional[int]) -> None:
     configs = [("no sessions (baseline)", "baseline", {}), ("telebot StateMemoryStorage", "peer", {})]
     configs += [(name, kind, options) for name, kind, options in STORES if name not in ("sqlite FULL", "sqlite OFF", "shelve no-fsync")]
     configs += [(RAW_SQLITE, "sqlite-raw", {})]
+    if env.e2e_only:
+        configs = [c for c in configs if any(word in c[0].lower() for word in env.e2e_only)]
     runs: Dict[str, List[Dict[str, Any]]] = {config[0]: [] for config in configs}
     failed: Dict[str, str] = {}
 
@@ -1779,6 +1783,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "plugin's SECTION name); default all")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin section 5 (end to end) to one core")
+    parser.add_argument("--e2e", metavar="NAMES",
+                        help="section 5 with only the configurations whose name contains one of these "
+                             "comma-separated words ('sqlite': SQLiteStore and its raw floor)")
+    parser.add_argument("--e2e-reps", type=int, metavar="N",
+                        help="section 5: rounds of every configuration (default 5, --quick 3)")
     parser.add_argument("--profile", metavar="STORE",
                         help="instead of the benchmark, cProfile the increment path of one store "
                              "(memory, json-fsync, json-no-fsync, shelve, sqlite-NORMAL, redis, ...)")
@@ -1794,6 +1803,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     redis_server = RedisServer(base)
     env = Env(plan, base, redis_server)
     env.pin = not args.no_pin
+    if args.e2e:
+        env.e2e_only = [word.strip().lower() for word in args.e2e.split(",") if word.strip()]
+    if args.e2e_reps:
+        plan.e2e_reps = args.e2e_reps
     try:
         sections = {{"2": "1", "3": "1"}.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()}
         special = " ".join([args.profile or ""] + (args.breakdown or []))
