@@ -1099,6 +1099,8 @@ def e2e_once(env: Env, config: Tuple[str, str, Dict[str, Any]], warm: List[types
 
 
 RAW_SQLITE = "raw sqlite3 in the handler (floor)"
+#: Stores of ``STORES`` that section 5 leaves out (their cost is in sections 1 and 7).
+E2E_SKIPPED = ("sqlite FULL", "sqlite OFF", "shelve no-fsync")
 
 
 def section_e2e(env: Env) -> None:
@@ -1129,7 +1131,7 @@ def _section_e2e(env: Env, pinned: Optional[int]) -> None:
     updates = make_updates(order)
     warm = make_updates([rng.choice(chat_ids) for _ in range(plan.e2e_warm)], start_id=10_000_000)
     configs = [("no sessions (baseline)", "baseline", {}), ("telebot StateMemoryStorage", "peer", {})]
-    configs += [(name, kind, options) for name, kind, options in STORES if name not in ("sqlite FULL", "sqlite OFF", "shelve no-fsync")]
+    configs += [(name, kind, options) for name, kind, options in STORES if name not in E2E_SKIPPED]
     configs += [(RAW_SQLITE, "sqlite-raw", {})]
     if env.e2e_only:
         configs = [c for c in configs if any(word in c[0].lower() for word in env.e2e_only)]
@@ -1803,10 +1805,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     redis_server = RedisServer(base)
     env = Env(plan, base, redis_server)
     env.pin = not args.no_pin
-    if args.e2e:
+    if args.e2e is not None:
         env.e2e_only = [word.strip().lower() for word in args.e2e.split(",") if word.strip()]
-    if args.e2e_reps:
+        names = (["no sessions (baseline)", "telebot StateMemoryStorage"]
+                 + [n for n, _, _ in STORES if n not in E2E_SKIPPED] + [RAW_SQLITE])
+        if not any(word in name.lower() for name in names for word in env.e2e_only):
+            parser.error(f"--e2e {args.e2e!r} names no configuration of section 5: {', '.join(names)}")
+    if args.e2e_reps is not None:
+        if args.e2e_reps < 1:
+            parser.error("--e2e-reps must be 1 or more")
         plan.e2e_reps = args.e2e_reps
+    if (args.e2e is not None or args.e2e_reps is not None) and "5" not in {s.strip() for s in args.only.split(",")}:
+        parser.error("--e2e and --e2e-reps belong to section 5: add 5 to --only")
+    env.results["e2e_options"] = {"only": env.e2e_only, "reps": plan.e2e_reps}
     try:
         sections = {{"2": "1", "3": "1"}.get(s.strip(), s.strip()) for s in args.only.split(",") if s.strip()}
         special = " ".join([args.profile or ""] + (args.breakdown or []))
