@@ -24,8 +24,8 @@ from msgspec import DecodeError
 from . import context, keys, locking
 from .errors import CorruptSessionError, NoActiveSession
 from .locking import current_pid
-from .records import (RECORD_ENCODED, _decode_record, _msgspec_decode as _decode, _msgspec_encode as _encode,
-                      build_record, encode_json, read_record)
+from .records import (NOT_READ, RECORD_ENCODED, _decode_record, _msgspec_decode as _decode,
+                      _msgspec_encode as _encode, build_record, encode_json, read_record)
 from .stores.base import Store
 from .typed import adopt, check_typed, encode_typed, from_plain, reset_in_place
 
@@ -121,7 +121,7 @@ class _Handle:
                 try:  # read_record's fast path, inlined: one msgspec decode of the whole record
                     record = _decode_record(raw)
                     data, version, written = record.data, record.version, record.written
-                except (DecodeError, RecursionError):
+                except (*NOT_READ, RecursionError):
                     data, version, written, _ = read_record(raw, key, self.where)
                 if m.ttl is not None and written is not None and time.time() - written > m.ttl:
                     logger.debug("session %r expired (written %.0f s ago)", key, time.time() - written)

@@ -37,6 +37,9 @@ __all__ = ["encode_data", "encode_json", "check_round_trip", "build_record", "pa
 _msgspec_encode = msgspec.json.Encoder().encode
 _msgspec_decode = msgspec.json.Decoder().decode
 _DecodeError = msgspec.DecodeError  # ValidationError (an int too long) is a subclass
+#: What ``msgspec`` raises for a record it will not read: msgspec before 0.21 raises
+#: ``UnicodeDecodeError`` for invalid UTF-8 (such as a lone surrogate written by an older version).
+NOT_READ = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 def _make_std_decoder() -> Callable[[str], Any]:
@@ -173,7 +176,7 @@ def read_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional[
         record = _decode_record(raw)
         data = record.data
         return data, record.version, record.written, _msgspec_encode(data).decode("utf-8")
-    except (_DecodeError, RecursionError, UnicodeEncodeError):
+    except (*NOT_READ, RecursionError, UnicodeEncodeError):
         pass  # (UnicodeEncodeError: the data holds a lone surrogate, which msgspec will not write)
     data, version_number, written_at = parse_record(raw, key, where)
     return data, version_number, written_at, None
@@ -184,7 +187,7 @@ def parse_record(raw: bytes, key: str, where: Where) -> Tuple[Any, int, Optional
     try:
         try:
             obj = _msgspec_decode(raw)
-        except _DecodeError:  # what msgspec will not read, json may (see _make_std_decoder)
+        except NOT_READ:  # what msgspec will not read, json may (see _make_std_decoder)
             obj = _std_decode(raw.decode("utf-8", "surrogatepass"))
         data = obj["data"]
         version = int(obj.get("version", 0))

@@ -368,7 +368,8 @@ class SentinelGroup:
             for sentinel in self.sentinels:
                 client = sentinel.client()
                 try:
-                    master = client.sentinel_master(self.service)
+                    # (SENTINEL MASTERS: redis-py 7.0's sentinel_master() breaks on its own reply)
+                    master = client.sentinel_masters()[self.service]
                     replicas = client.sentinel_slaves(self.service)
                 finally:
                     client.close()

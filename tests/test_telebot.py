@@ -503,7 +503,8 @@ def update_of(field):
 
 def test_the_middleware_knows_every_update_type_telebot_dispatches():
     dispatched = telebot_dispatch_types()
-    assert len(dispatched) >= 25 and "chosen_inline_query" in dispatched  # the regex still reads telebot
+    assert len(dispatched) >= 20 and "chosen_inline_query" in dispatched  # the regex still reads telebot
+    # (telebot 4.32 dispatches 23 update types, 4.37 more)
     assert dispatched <= set(UPDATE_TYPES), sorted(dispatched - set(UPDATE_TYPES))
     assert set(tb_util.update_types) <= set(UPDATE_TYPES)
     missing = [f for f in tb_util.update_types if f not in UPDATE_KINDS and f not in EXTRA_UPDATES]
@@ -610,12 +611,17 @@ def test_reply_callbacks_get_the_chats_session(tmp_path):
         assert s["seen"][:2] == ["q", "reply:42"]
 
 
-def test_setup_refuses_the_async_bot_and_with_session_refuses_coroutines():
+def test_setup_refuses_the_async_bot():
+    pytest.importorskip("aiohttp", reason="telebot's AsyncTeleBot needs aiohttp, which older telebot "
+                                          "releases (4.32, the last for Python 3.9) do not install")
     from telebot.async_telebot import AsyncTeleBot
 
-    sessions = Sessions()
     with pytest.raises(TypeError, match="async"):
-        sessions.setup(AsyncTeleBot(TOKEN))
+        Sessions().setup(AsyncTeleBot(TOKEN))
+
+
+def test_with_session_refuses_coroutines():
+    sessions = Sessions()
 
     async def handler(message):
         pass

@@ -18,8 +18,9 @@ from telesession.testing import (UPDATE_KINDS, BotAPIError, FakeBotAPI, callback
 
 
 def _plugin_entry_point_installed() -> bool:
-    return any(ep.name == "telesession" and ep.value == "telesession.pytest_plugin"
-               for ep in importlib.metadata.entry_points(group="pytest11"))
+    found = importlib.metadata.entry_points()
+    group = found.select(group="pytest11") if hasattr(found, "select") else found.get("pytest11", ())  # (3.9: a dict)
+    return any(ep.name == "telesession" and ep.value == "telesession.pytest_plugin" for ep in group)
 
 
 # The plugin comes through the pytest11 entry point once the package is pip-installed;

@@ -56,7 +56,7 @@ import pickle
 import re
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 from ..atomic import atomic_file
 from ..errors import CorruptSessionError, StoreError
@@ -70,7 +70,7 @@ _BLOCK = 512  # dbm.dumb starts every value at a multiple of this
 _PROTOCOL = 4  # the pickle protocol ShelveStore has always given shelve: keep it, old files stay readable
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _COMPACT_SLACK = 1000  # compact when the index has more than 2 x live keys + this many lines
-_DBM_ERRORS = (OSError,) + tuple(dbm.error)
+_DBM_ERRORS: Tuple[Type[BaseException], ...] = (OSError, *dbm.error)
 
 Pair = Tuple[int, int]  # (position in PATH.dat, size)
 

@@ -138,7 +138,7 @@ class FakeBotAPI:
         for thread in self._threads:
             thread.join(5.0)
         if self._patch and apihelper.API_URL == self.api_url:
-            apihelper.API_URL = self._previous_api_url
+            apihelper.API_URL = self._previous_api_url  # type: ignore[assignment]  # (as above)
         logger.debug("FakeBotAPI on port %s stopped", self.port)
 
     def __enter__(self) -> "FakeBotAPI":

@@ -367,7 +367,8 @@ def _removed_chat_boost(chat_id: int = -1000000000001, user_id: int = DEFAULT_US
 def _business_connection(user_id: int = DEFAULT_USER_ID, *, connection_id: str = "bc1", is_enabled: bool = True,
                          **extra: Any) -> Dict[str, Any]:
     payload = {"id": connection_id, "user": user_dict(user_id), "user_chat_id": user_id, "date": _now(),
-               "is_enabled": is_enabled}
+               "is_enabled": is_enabled,
+               "can_reply": True}  # Bot API before 9.0: telebot 4.32 requires it; later ones also take `rights`
     payload.update(extra)
     return payload
 
