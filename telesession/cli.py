@@ -945,23 +945,39 @@ def _one_line(text: str) -> str:
     return _scrub(re.sub(r"\s*\n\s*", " ", text.strip()))
 
 
-def _setup_logging(verbose: bool) -> None:
+@contextmanager
+def _command_logging(verbose: bool) -> Iterator[None]:
+    """The library's log lines on stderr as ``telesession: LEVEL: ...`` while a command runs;
+    the logger is put back as it was afterwards (``main`` may be called from a program)."""
     logger = logging.getLogger("telesession")
-    if logger.handlers:
+    if logger.handlers:  # the calling program configured it: leave it alone
+        yield
         return
+    level, propagate = logger.level, logger.propagate
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``telesession`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _command_logging(bool(getattr(args, "verbose", False))):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command ``args`` names, its failures turned into one line on stderr and an exit status."""
     verbose = bool(getattr(args, "verbose", False))
-    _setup_logging(verbose)
     try:
         status = args.func(args)
         sys.stdout.flush()

@@ -37,8 +37,8 @@ __all__ = ["encode_data", "encode_json", "check_round_trip", "build_record", "pa
 _msgspec_encode = msgspec.json.Encoder().encode
 _msgspec_decode = msgspec.json.Decoder().decode
 _DecodeError = msgspec.DecodeError  # ValidationError (an int too long) is a subclass
-#: What ``msgspec`` raises for a record it will not read: msgspec before 0.21 raises
-#: ``UnicodeDecodeError`` for invalid UTF-8 (such as a lone surrogate written by an older version).
+#: What ``msgspec`` raises for a record it will not read: 0.20 (the last release for Python 3.9)
+#: raises ``UnicodeDecodeError`` for invalid UTF-8, such as a lone surrogate an older version wrote.
 NOT_READ = (msgspec.DecodeError, UnicodeDecodeError)
 
 

@@ -355,7 +355,7 @@ class SentinelGroup:
     def master_port(self) -> int:
         client = self.sentinels[0].client()
         try:
-            return int(client.sentinel_get_master_addr_by_name(self.service)[1])
+            return int(client.sentinel_masters()[self.service]["port"])  # (as in wait_ready)
         finally:
             client.close()
 

@@ -4,6 +4,7 @@ Sessions are created through the library (``build_record`` + ``store.save``) at 
 the command sees; its exit status, stdout and stderr are checked.
 """
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -550,3 +551,20 @@ def test_import_and_migrate_into_memory_refuse(tmp_path):
     assert "importing into memory:// would keep nothing" in line
     line = fails(run("migrate", src, "memory://"))
     assert "migrating into memory:// would keep nothing" in line
+
+
+def test_main_called_from_a_program_puts_the_logger_back(tmp_path, capsys):
+    """``main`` shows the library's log lines on stderr while a command runs, then leaves the
+    ``telesession`` logger as the program had it (a program's own logging keeps working)."""
+    from telesession.cli import main
+
+    url = f"sqlite:{tmp_path / 's.db'}"
+    with from_url(url) as store:
+        store.save("session:1", build_record("session:1", encode_data({"n": 1}, "1", "t"), 0, time.time()))
+    logger = logging.getLogger("telesession")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    assert main(["ls", url]) == 0
+    assert "1" in capsys.readouterr().out
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
+    assert main(["show", url, "absent"]) != 0  # a failing command too
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before
