@@ -141,12 +141,14 @@ def test_hostile_keys_are_distinct_and_round_trip(store):
     for i, key in enumerate(HOSTILE_KEYS):
         assert store.load(key) == f"record {i}".encode()
     assert sorted(store.keys()) == sorted(HOSTILE_KEYS)
-    # Keys are rows, never file names: nothing but the database's own files exists, and what
-    # the lock backend keeps: one lock file (POSIX), or a directory of lock files named by hash.
+    # Keys are rows, never file names: nothing but the database's own files exists, the write
+    # stamps, and what the lock backend keeps: one lock file (POSIX), or a directory of lock
+    # files named by hash.
     directory = os.path.dirname(store.path)
     artifact = os.path.basename(lock_artifact(store.path))
     assert set(os.listdir(directory)) <= {
-        "sessions.sqlite", "sessions.sqlite-wal", "sessions.sqlite-shm", artifact}
+        "sessions.sqlite", "sessions.sqlite-wal", "sessions.sqlite-shm", "sessions.sqlite.stamps",
+        artifact}
     assert artifact in os.listdir(directory)
     if lock_backend() == "filelock":
         names = set(os.listdir(os.path.join(directory, artifact)))

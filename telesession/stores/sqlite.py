@@ -9,6 +9,11 @@ Locking: threads are serialized per key by the base class; processes by a POSIX 
 lock on one byte per key of ``PATH.lock`` (``telesession.locking.RangeLockFile``).  No
 database-wide lock is held while a handler runs: SQLite is only locked for the few
 microseconds of each write, and readers never wait for writers (WAL).
+
+Record cache: a process keeps the records it wrote last (``cache_size`` of them) and, when
+a handler takes the key again, hands its copy back without a ``SELECT`` if no writer has
+touched the key since; ``PATH.stamps`` (``telesession.stamps``) tells, one memory-mapped
+word per key slot that every writer of every process changes before it writes.
 """
 import logging
 import os
@@ -16,11 +21,12 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .. import locking
 from ..errors import ConflictError, CorruptSessionError, StoreError
 from ..locking import _DEPTH, _OWNER, _WAITERS, _get_ident, _wake, current_pid, key_offset
+from ..stamps import SLOTS, WriteStamps
 from .base import Store
 
 __all__ = ["SQLiteStore"]
@@ -30,6 +36,7 @@ logger = logging.getLogger("telesession")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _PAGE = 500  # keys read per query by keys(): no read transaction stays open between pages
 _RECORD_PAGE = 1000  # rows read per query by records()
+_SLOT_MASK = SLOTS - 1  # a key's stamp is word 1 + (key_offset(key) & _SLOT_MASK) (WriteStamps.slot)
 
 
 def _prefix_end(prefix: str) -> Optional[str]:
@@ -90,6 +97,12 @@ class SQLiteStore(Store):
     ``wal_autocheckpoint`` is how many pages the WAL grows to before a commit copies them
     back into the database (SQLite's default is 1,000): 4,000 (~16 MB of WAL) writes each
     page back once for several commits on a table of 100,000 sessions, instead of once each.
+    ``cache_size`` is how many records this process keeps of the keys it wrote last: a
+    handler that takes such a key again gets the copy without a read, unless a writer of
+    any process touched the key since (``PATH.stamps`` tells; see the module docstring).
+    0 keeps none.  Another program that writes the table directly, not through
+    telesession, is noticed by the next save (``ConflictError``, nothing overwritten)
+    instead of the next read: give such setups ``cache_size=0``.
 
     Each thread uses its own connection, and a forked child opens its own instead of
     reusing the parent's.  Saves are conditional (``conditional = True``).
@@ -98,7 +111,7 @@ class SQLiteStore(Store):
     conditional = True
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, synchronous: str = "NORMAL",
-                 timeout: float = 10.0, wal_autocheckpoint: int = 4000) -> None:
+                 timeout: float = 10.0, wal_autocheckpoint: int = 4000, cache_size: int = 10_000) -> None:
         sync = str(synchronous).upper()
         if sync not in _SYNCHRONOUS:
             raise ValueError(f"synchronous={synchronous!r}: use one of {', '.join(_SYNCHRONOUS)}")
@@ -109,6 +122,9 @@ class SQLiteStore(Store):
         if type(wal_autocheckpoint) is not int or wal_autocheckpoint < 1:
             raise ValueError(f"wal_autocheckpoint={wal_autocheckpoint!r}: use a number of pages, 1 or more")
         self.wal_autocheckpoint = wal_autocheckpoint
+        if type(cache_size) is not int or cache_size < 0:
+            raise ValueError(f"cache_size={cache_size!r}: use a number of records, 0 or more")
+        self.cache_size = cache_size
         path = os.path.abspath(os.fspath(path))
         self._create_file(path)
         self.path = os.path.realpath(path)
@@ -119,6 +135,16 @@ class SQLiteStore(Store):
         self._closed = False
         self.lock_path = self.path + ".lock"
         self._initialize()
+        # Every process stamps its writes, whatever its own cache_size: others may cache.
+        try:
+            self._stamps = WriteStamps(self.path + ".stamps", self._holding_store_lock)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot open the write stamps of the SQLite database {self.path}: {exc}",
+                             None, self.path + ".stamps") from exc
+        self._owner_only(self._stamps.path)
+        self._words = self._stamps.words
+        # key -> (stamp, record) of this process's last writes, oldest first; None: no cache
+        self._cache: Optional[Dict[str, Tuple[int, bytes]]] = {} if cache_size else None
 
     # -- files and connections ----------------------------------------------------------
 
@@ -146,12 +172,16 @@ class SQLiteStore(Store):
         lock that switching to WAL needs, and SQLite answers that race "database is
         locked" at once, without waiting.
         """
+        self._holding_store_lock(self._create_schema)
+
+    def _holding_store_lock(self, action: Callable[[], None]) -> None:
+        """Run ``action`` holding the store-wide lock of ``PATH.lock`` (a few system calls)."""
         lock_file = self._process_lock_file(None)
         if not lock_file.acquire(None, self.timeout):
             raise StoreError(f"cannot open the SQLite database {self.path}: another process kept "
                              f"{self.lock_path} locked for {self.timeout:g} s", None, self.path)
         try:
-            self._create_schema()
+            action()
         finally:
             lock_file.release(None)
 
@@ -238,6 +268,38 @@ class SQLiteStore(Store):
             raise self._error(exc, key, self.describe(key), "reading") from exc
         return None if row is None else bytes(row[0])
 
+    def load_locked(self, key: str, token: Any) -> Optional[bytes]:
+        """``load``, or this process's copy of the record it wrote last if the key's stamp
+        shows that nobody wrote it since (the caller holds the key)."""
+        cache = self._cache
+        if cache is not None:
+            hit = cache.get(key)
+            if hit is not None:
+                offset = token[1] if type(token) is tuple else key_offset(key)
+                if self._words[1 + (offset & _SLOT_MASK)] == hit[0]:
+                    return hit[1]
+        return self.load(key)
+
+    def _stamp(self, key: str) -> int:
+        """Put a new stamp in ``key``'s slot and forget this process's copy: call before writing it."""
+        stamp = self._stamps.next_stamp(locking._pid)
+        self._words[1 + (key_offset(key) & _SLOT_MASK)] = stamp
+        cache = self._cache
+        if cache is not None:
+            cache.pop(key, None)
+        return stamp
+
+    def _remember(self, key: str, stamp: int, record: bytes) -> None:
+        """Keep ``record``, just written under ``stamp``, dropping the oldest copy past ``cache_size``."""
+        cache = self._cache
+        if cache is not None:
+            cache[key] = (stamp, record)
+            if len(cache) > self.cache_size:
+                try:
+                    del cache[next(iter(cache))]
+                except (RuntimeError, StopIteration, KeyError):  # another thread changed it: next time
+                    pass
+
     # The lock calls of an update, without the generic steps of the base class (same locks,
     # same order: this thread's key lock, then this key's byte of the lock file).
 
@@ -296,6 +358,7 @@ class SQLiteStore(Store):
                 key, self.describe(key))
         try:
             try:
+                stamp = self._stamp(key)
                 cur = self._write(conn, key, record, written, expires, previous)
             finally:
                 lock_file.unlock_writer()
@@ -307,6 +370,7 @@ class SQLiteStore(Store):
             raise ConflictError(
                 f"session {key!r} {what} by another writer since it was loaded "
                 f"({self.describe(key)}); nothing was overwritten", key, self.describe(key))
+        self._remember(key, stamp, record)
 
     @staticmethod
     def _write(conn: sqlite3.Connection, key: str, record: bytes, written: float,
@@ -326,6 +390,7 @@ class SQLiteStore(Store):
         that is already gone is not an error.
         """
         conn = self._conn(key)
+        self._stamp(key)
         try:
             if previous is None:
                 conn.execute("DELETE FROM sessions WHERE key=?", (key,))
@@ -403,6 +468,7 @@ class SQLiteStore(Store):
             except (StoreError, TimeoutError):
                 continue
             try:
+                self._stamp(key)
                 cur = conn.execute("DELETE FROM sessions WHERE key=? AND expires IS NOT NULL AND expires < ?",
                                    (key, now))
                 purged += cur.rowcount
@@ -419,11 +485,13 @@ class SQLiteStore(Store):
     def close(self) -> None:
         """Close every connection this process opened; the store must not be used afterwards."""
         self._closed = True
+        self._cache = None
         with self._mutex:
             holders = list(self._all)
             self._all = weakref.WeakSet()
         for holder in holders:
             holder.close()
+        self._stamps.close()
         self._local = threading.local()
 
     def __repr__(self) -> str:
