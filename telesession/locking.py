@@ -166,6 +166,7 @@ class RangeLockFile:
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         self._writer = threading.Lock()  # this process's threads, in front of the writer byte
+        self._store_mutex = threading.Lock()  # this process's threads, in front of the whole-store byte
         # What the writer mutex guards: whether its holder took the writer byte, and whether
         # this process was alone (asked again after ALONE_SECONDS).
         self._took_byte = False
@@ -174,11 +175,32 @@ class RangeLockFile:
         self._alone_until = time.monotonic() + ALONE_SECONDS
 
     def acquire(self, key: Optional[str], timeout: float) -> bool:
-        """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds."""
-        return self.lock_at(0 if key is None else key_offset(key), timeout)
+        """Take the lock of ``key`` (``None``: the whole-store lock); ``False`` after ``timeout`` seconds.
+
+        A record lock belongs to the process, not the thread, so the threads of this process
+        take turns on a mutex for the whole-store lock (keys have ``KeyLocks`` for that)."""
+        if key is not None:
+            return self.lock_at(key_offset(key), timeout)
+        left = take_mutex(self._store_mutex, timeout)
+        if left is None:
+            return False
+        try:
+            if self.lock_at(0, left):
+                return True
+        except BaseException:
+            self._store_mutex.release()
+            raise
+        self._store_mutex.release()
+        return False
 
     def release(self, key: Optional[str]) -> None:
-        self.unlock_at(0 if key is None else key_offset(key))
+        if key is not None:
+            self.unlock_at(key_offset(key))
+            return
+        try:
+            self.unlock_at(0)
+        finally:
+            self._store_mutex.release()
 
     def lock_at(self, offset: int, timeout: float) -> bool:
         """Take the lock byte at ``offset`` (see ``key_offset``); ``False`` after ``timeout`` seconds.

@@ -1,12 +1,11 @@
-"""Write stamps: whether any process wrote a key since this process last saw it.
+"""Write stamps: whether any process wrote a key since this process last wrote it.
 
 A store that keeps the records it wrote (``SQLiteStore``'s record cache) may hand one back
 without reading only if no other writer touched the key since.  Every writer of the store
 puts a new, never repeated stamp in the key's slot of one shared, memory-mapped file
-*before* it writes; a process remembers the stamp it put (or found) next to the record,
-and its copy is current exactly when the slot still holds that stamp.  All of it happens
-under the key's cross-process lock, so the slot of a key changes only under its holder;
-keys that share a slot (65,536 of them) only cost each other a read.
+*before* it writes (a delete also after); a process keeps the stamp it put next to the
+record it wrote, and its copy is current exactly when the slot still holds that stamp.
+Keys that share a slot (65,536 of them) only cost each other a read.
 
 Layout of ``PATH`` (native byte order, 8-byte aligned words): word 0 counts the stamp
 *series* handed out so far; word ``1 + i`` is slot ``i``.  A stamp is ``series << 36 |
@@ -17,7 +16,7 @@ import itertools
 import mmap
 import os
 import threading
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from .errors import StoreError
 from .locking import current_pid
@@ -32,11 +31,26 @@ _COUNT_BITS = 36
 _SERIES_LIMIT = 1 << (64 - _COUNT_BITS)
 
 
+#: Guards taking a series in this process; made afresh in a forked child (a thread of the
+#: parent may have held it at the fork).
+_series_mutex = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _series_mutex
+    _series_mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class WriteStamps:
     """The stamp table of one store, mapped into this process (see the module docstring).
 
     ``take_store_lock`` runs a function holding the store-wide cross-process lock (the
-    lock file's whole-store lock), which guards the series counter.
+    lock file's whole-store lock, which excludes the other threads of this process too);
+    it guards the series counter in word 0.  It must not refer to the store (no cycle).
     """
 
     def __init__(self, path: str, take_store_lock: Callable[[Callable[[], None]], None]) -> None:
@@ -55,16 +69,16 @@ class WriteStamps:
                 size = os.fstat(fd).st_size
             if size != _SIZE:
                 raise ValueError(f"{path} is {size} bytes, not a stamp table of {_SIZE}")
+            # Unmapped when this object goes: closing it while another thread writes would
+            # fail that write with a ValueError instead of the store's own error.
             self._map = mmap.mmap(fd, _SIZE)
         finally:
             os.close(fd)  # the mapping keeps the file
         #: The table as 8-byte words: ``words[1 + slot]``; reads and writes are single aligned stores.
         self.words = memoryview(self._map).cast("Q")
-        self._mutex = threading.Lock()
-        self._pid = -1
-        self._stamps: Iterator[int] = iter(())
-        self._last = 0
-        self.new_series()
+        # (stamps, last stamp, pid): the series in use, replaced in one assignment
+        self._series: Tuple[Iterator[int], int, int] = (iter(()), 0, -1)
+        self._renew(current_pid(), None)
 
     @staticmethod
     def slot(offset: int) -> int:
@@ -72,19 +86,25 @@ class WriteStamps:
         return 1 + (offset & _MASK)
 
     def next_stamp(self, pid: int) -> int:
-        """A stamp no writer has used: take it, put it in the key's slot, then write."""
-        if pid != self._pid:  # a forked child must not repeat its parent's stamps
-            self._mutex = threading.Lock()  # (the parent's may have been held at the fork)
-            self.new_series()
-        stamp = next(self._stamps)
-        if stamp > self._last:  # the series is used up (2**36 writes)
-            self.new_series()
-            stamp = next(self._stamps)
+        """A stamp no writer has used (``pid``: this process's): take it, put it in the key's
+        slot, then write."""
+        stamps, last, owner = self._series
+        if owner != pid:  # a forked child must not repeat its parent's stamps
+            self._renew(pid, None)
+            stamps, last, owner = self._series
+        stamp = next(stamps)  # atomic under the GIL: threads never get the same one
+        if stamp > last:  # the series is used up (2**36 writes)
+            self._renew(pid, last)
+            stamp = next(self._series[0])
         return stamp
 
-    def new_series(self) -> None:
-        """Take the next series from word 0, under the store-wide lock."""
-        with self._mutex:
+    def _renew(self, pid: int, used_up: Optional[int]) -> None:
+        """Take the next series from word 0 under the store-wide lock, unless another
+        thread of this process has just done so."""
+        with _series_mutex:
+            owner, last = self._series[2], self._series[1]
+            if owner == pid and last != used_up:
+                return
             taken: List[int] = []
 
             def take() -> None:
@@ -97,11 +117,4 @@ class WriteStamps:
 
             self._take_store_lock(take)
             base = taken[0] << _COUNT_BITS
-            self._stamps = itertools.count(base + 1)  # next() on it is atomic under the GIL
-            self._last = base + (1 << _COUNT_BITS) - 1
-            self._pid = current_pid()
-
-    def close(self) -> None:
-        """Unmap the table (only once no thread uses it)."""
-        self.words.release()
-        self._map.close()
+            self._series = (itertools.count(base + 1), base + (1 << _COUNT_BITS) - 1, pid)

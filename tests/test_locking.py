@@ -228,3 +228,44 @@ def test_a_process_that_opens_the_lock_file_while_another_asks_is_still_seen(tmp
         opened.set()
         child.join(30)
 
+
+
+def _try_store_lock_in_child(path, result):
+    from telesession.locking import range_lock_file_for
+
+    lock_file = range_lock_file_for(path)
+    got = lock_file.acquire(None, 0)
+    result.value = 1 if got else 2
+    if got:
+        lock_file.release(None)
+
+
+@pytest.mark.parametrize("backend", ["posix", "filelock"])
+def test_the_whole_store_lock_excludes_the_other_threads_of_the_process(tmp_path, monkeypatch, backend):
+    """A POSIX record lock belongs to the process: without a mutex in front of it a second
+    thread would "take" the store-wide lock its neighbour holds, and its release would drop
+    it for both, letting another process in (two SQLite stores' stamp series then collide)."""
+    import multiprocessing
+
+    from telesession import locking
+
+    monkeypatch.setenv(locking.LOCKS_ENV, backend)
+    path = str(tmp_path / "store.lock")
+    lock_file = locking.range_lock_file_for(path)
+    assert lock_file.acquire(None, 1)
+    try:
+        other = []
+        thread = threading.Thread(target=lambda: other.append(lock_file.acquire(None, 0.2)))
+        thread.start()
+        thread.join(10)
+        assert other == [False]
+        ctx = multiprocessing.get_context("spawn")
+        result = ctx.Value("i", 0)
+        child = ctx.Process(target=_try_store_lock_in_child, args=(path, result))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0 and result.value == 2  # still ours
+    finally:
+        lock_file.release(None)
+    assert lock_file.acquire(None, 1)  # and free again
+    lock_file.release(None)

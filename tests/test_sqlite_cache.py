@@ -217,3 +217,21 @@ def test_a_stamp_file_of_another_size_is_refused_naming_it(path):
         SQLiteStore(path)
     assert caught.value.where == path + ".stamps"
     assert os.path.getsize(path + ".stamps") == len(b"not a stamp table")  # left as it was
+
+
+def test_a_store_nobody_refers_to_goes_at_once_with_its_mapping(path):
+    """No reference cycle between the store and its stamp table: dropping the last reference
+    closes its connections and unmaps the table without waiting for the cycle collector."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        store = SQLiteStore(path)
+        locked_save(store, "k", b"x")
+        gone = weakref.ref(store)
+        table = weakref.ref(store._stamps)
+        del store
+        assert gone() is None and table() is None
+    finally:
+        gc.enable()

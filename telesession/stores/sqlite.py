@@ -21,11 +21,13 @@ import sqlite3
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 from .. import locking
 from ..errors import ConflictError, CorruptSessionError, StoreError
-from ..locking import _DEPTH, _OWNER, _WAITERS, _get_ident, _wake, current_pid, key_offset
+from ..locking import _DEPTH, _OWNER, _WAITERS, _get_ident, _wake, current_pid, key_offset, range_lock_file_for
 from ..stamps import SLOTS, WriteStamps
 from .base import Store
 
@@ -49,6 +51,22 @@ def _prefix_end(prefix: str) -> Optional[str]:
     if 0xD800 <= last <= 0xDFFF:  # surrogates cannot be stored: skip past them
         last = 0xE000
     return chars[:-1] + chr(last)
+
+def _holding_store_lock(lock_path: str, timeout: float, action: Callable[[], None]) -> None:
+    """Run ``action`` holding the store-wide lock of ``lock_path``: what guards the stamp
+    table's series counter (a function of the paths, not of the store: no reference cycle)."""
+    try:
+        lock_file = range_lock_file_for(lock_path)
+    except OSError as exc:
+        raise StoreError(f"cannot open the lock file {lock_path}: {exc.strerror or exc}", None, lock_path) from exc
+    if not lock_file.acquire(None, timeout):
+        raise StoreError(f"another process kept the store-wide lock of {lock_path} for {timeout:g} s "
+                         f"(raise SQLiteStore(timeout=...) if that is legitimate)", None, lock_path)
+    try:
+        action()
+    finally:
+        lock_file.release(None)
+
 
 _TABLE = ("CREATE TABLE IF NOT EXISTS sessions ("
           " key TEXT PRIMARY KEY NOT NULL,"
@@ -137,14 +155,15 @@ class SQLiteStore(Store):
         self._initialize()
         # Every process stamps its writes, whatever its own cache_size: others may cache.
         try:
-            self._stamps = WriteStamps(self.path + ".stamps", self._holding_store_lock)
+            self._stamps = WriteStamps(self.path + ".stamps",
+                                       partial(_holding_store_lock, self.lock_path, self.timeout))
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot open the write stamps of the SQLite database {self.path}: {exc}",
                              None, self.path + ".stamps") from exc
         self._owner_only(self._stamps.path)
         self._words = self._stamps.words
         # key -> (stamp, record) of this process's last writes, oldest first; None: no cache
-        self._cache: Optional[Dict[str, Tuple[int, bytes]]] = {} if cache_size else None
+        self._cache: "Optional[OrderedDict[str, Tuple[int, bytes]]]" = OrderedDict() if cache_size else None
 
     # -- files and connections ----------------------------------------------------------
 
@@ -172,16 +191,12 @@ class SQLiteStore(Store):
         lock that switching to WAL needs, and SQLite answers that race "database is
         locked" at once, without waiting.
         """
-        self._holding_store_lock(self._create_schema)
-
-    def _holding_store_lock(self, action: Callable[[], None]) -> None:
-        """Run ``action`` holding the store-wide lock of ``PATH.lock`` (a few system calls)."""
         lock_file = self._process_lock_file(None)
         if not lock_file.acquire(None, self.timeout):
             raise StoreError(f"cannot open the SQLite database {self.path}: another process kept "
                              f"{self.lock_path} locked for {self.timeout:g} s", None, self.path)
         try:
-            action()
+            self._create_schema()
         finally:
             lock_file.release(None)
 
@@ -296,8 +311,8 @@ class SQLiteStore(Store):
             cache[key] = (stamp, record)
             if len(cache) > self.cache_size:
                 try:
-                    del cache[next(iter(cache))]
-                except (RuntimeError, StopIteration, KeyError):  # another thread changed it: next time
+                    cache.popitem(last=False)
+                except KeyError:  # (emptied by another thread)
                     pass
 
     # The lock calls of an update, without the generic steps of the base class (same locks,
@@ -401,6 +416,10 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT 1 FROM sessions WHERE key=?", (key,)).fetchone()
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "deleting") from exc
+        finally:
+            # Stamped after as well: a delete made without the key's lock (rm from a program)
+            # may land after a save that began later, whose copy must not outlive the row.
+            self._stamp(key)
         if row is not None:
             raise ConflictError(
                 f"session {key!r} was changed by another writer since it was loaded "
@@ -491,7 +510,6 @@ class SQLiteStore(Store):
             self._all = weakref.WeakSet()
         for holder in holders:
             holder.close()
-        self._stamps.close()
         self._local = threading.local()
 
     def __repr__(self) -> str:
