@@ -363,6 +363,10 @@ class SQLiteStore(Store):
         lock_file = self._lock_file
         if lock_file is None or self._lock_file_pid != current_pid():
             lock_file = self._process_lock_file(key)
+        # The stamp goes before the write, and before the writer lock: what every writer
+        # waits for is then only the statement itself (and a new series, which takes the
+        # whole-store lock, is never taken while holding the writer lock).
+        stamp = self._stamp(key)
         # One writer at a time (RangeLockFile.lock_writer): threads and processes take turns
         # there, instead of colliding in SQLite, whose busy handler sleeps 1, 2, 5... ms.
         if not lock_file.lock_writer(self.timeout):
@@ -373,7 +377,6 @@ class SQLiteStore(Store):
                 key, self.describe(key))
         try:
             try:
-                stamp = self._stamp(key)
                 cur = self._write(conn, key, record, written, expires, previous)
             finally:
                 lock_file.unlock_writer()
