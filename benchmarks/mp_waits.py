@@ -8,6 +8,10 @@ and the CPU time per update come with it.  Run it alone on the machine::
 
     python benchmarks/mp_waits.py                 # 1, 2 and 4 processes, 3 rounds
     python benchmarks/mp_waits.py --procs 2,4 --rounds 5 --seconds 3
+    python benchmarks/mp_waits.py --separate      # each process on a database of its own
+
+``--separate`` is the ceiling: the same processes sharing nothing but the machine (no
+lock byte, no write queue, no page cache invalidated by another process's commits).
 """
 import argparse
 import multiprocessing
@@ -60,24 +64,27 @@ def _worker(path: str, seed: int, start_at: float, seconds: float, results: Any)
     results.put((ops, time.process_time() - cpu, waits))
 
 
-def run(processes: int, seconds: float) -> Dict[str, float]:
-    """One round: ``processes`` workers on a fresh database; totals checked."""
+def run(processes: int, seconds: float, separate: bool = False) -> Dict[str, float]:
+    """One round: ``processes`` workers on a fresh database (one each with ``separate``); totals checked."""
     directory = tempfile.mkdtemp(prefix="telesession-waits-")
-    path = os.path.join(directory, "sessions.sqlite")
-    SQLiteStore(path)  # created before the workers race to create it
+    paths = [os.path.join(directory, f"sessions-{i if separate else 0}.sqlite") for i in range(processes)]
+    for path in set(paths):
+        SQLiteStore(path)  # created before the workers race to create it
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start_at = time.monotonic() + 1.5 + 0.3 * processes
     workers = [ctx.Process(target=_worker, args=(path, seed, start_at, seconds, results))
-               for seed in range(processes)]
+               for seed, path in enumerate(paths)]
     for worker in workers:
         worker.start()
     done: List[Tuple[int, float, Dict[str, List[float]]]] = [results.get() for _ in workers]
     for worker in workers:
         worker.join()
     ops = sum(r[0] for r in done)
-    counts = Sessions(SQLiteStore(path))
-    total = sum(counts.get(key, {"count": 0})["count"] for key in ["hot"] + [f"k{i}" for i in range(KEYS)])
+    total = 0
+    for path in set(paths):
+        counts = Sessions(SQLiteStore(path))
+        total += sum(counts.get(key, {"count": 0})["count"] for key in ["hot"] + [f"k{i}" for i in range(KEYS)])
     if total != ops:
         raise SystemExit(f"totals differ: {total} counted, {ops} done")
     row = {"per_s": ops / seconds, "cpu_us": sum(r[1] for r in done) / ops * 1e6}
@@ -95,14 +102,16 @@ def main() -> None:
     parser.add_argument("--procs", default="1,2,4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--separate", action="store_true", help="one database per process (the ceiling)")
     args = parser.parse_args()
     counts = [int(n) for n in args.procs.split(",")]
     rows: Dict[int, List[Dict[str, float]]] = {n: [] for n in counts}
     for _ in range(args.rounds):
         for n in counts:  # interleaved, so that drift hits every count alike
-            rows[n].append(run(n, args.seconds))
+            rows[n].append(run(n, args.seconds, args.separate))
     print(f"{'procs':>5} {'updates/s':>10} {'CPU us/upd':>10} {'writer waits/upd':>16} "
-          f"{'us each':>8} {'key waits/upd':>13} {'us each':>8}   (medians of {args.rounds} rounds; totals exact)")
+          f"{'us each':>8} {'key waits/upd':>13} {'us each':>8}   (medians of {args.rounds} rounds; totals exact"
+          f"{'; a database per process' if args.separate else ''})")
     for n in counts:
         def med(field: str) -> float:
             return statistics.median(r[field] for r in rows[n])
