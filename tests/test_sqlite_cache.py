@@ -190,6 +190,31 @@ def test_deletes_and_purges_are_stamped_too(store, path):
         other.close()
 
 
+def test_a_delete_that_cannot_take_its_second_stamp_deletes_nothing(store):
+    """A delete stamps before and after the row goes; both stamps are taken first, so a stamp
+    that cannot be had (a series that cannot be renewed: 2**28 series of 2**36 writes, the
+    one failure here that cannot be produced for real) fails the delete before it deletes."""
+    locked_save(store, "kept", b"x")
+    stamps = store._stamps
+    real_next_stamp = stamps.next_stamp
+    calls = []
+
+    def second_fails(pid):
+        calls.append(pid)
+        if len(calls) == 2:
+            raise StoreError(f"every stamp series of {stamps.path} is used up", None, stamps.path)
+        return real_next_stamp(pid)
+
+    stamps.next_stamp = second_fails
+    try:
+        with pytest.raises(StoreError, match="used up"):
+            store.delete("kept")
+    finally:
+        del stamps.next_stamp
+    assert len(calls) == 2
+    assert store.load("kept") == b"x"  # nothing deleted
+    assert locked_load(store, "kept") == b"x"
+
 def test_the_cache_keeps_the_last_cache_size_records(path):
     store = SQLiteStore(path, cache_size=2)
     try:

@@ -60,7 +60,7 @@ def _holding_store_lock(lock_path: str, timeout: float, action: Callable[[], Non
     except OSError as exc:
         raise StoreError(f"cannot open the lock file {lock_path}: {exc.strerror or exc}", None, lock_path) from exc
     if not lock_file.acquire(None, timeout):
-        raise StoreError(f"another process kept the store-wide lock of {lock_path} for {timeout:g} s "
+        raise StoreError(f"another process or thread kept the store-wide lock of {lock_path} for {timeout:g} s "
                          f"(raise SQLiteStore(timeout=...) if that is legitimate)", None, lock_path)
     try:
         action()
@@ -115,7 +115,7 @@ class SQLiteStore(Store):
     ``wal_autocheckpoint`` is how many pages the WAL grows to before a commit copies them
     back into the database (SQLite's default is 1,000): 4,000 (~16 MB of WAL) writes each
     page back once for several commits on a table of 100,000 sessions, instead of once each.
-    ``cache_size`` is how many records this process keeps of the keys it wrote last: a
+    ``cache_size`` is how many records this store object keeps of the keys it wrote last: a
     handler that takes such a key again gets the copy without a read, unless a writer of
     any process touched the key since (``PATH.stamps`` tells; see the module docstring).
     0 keeps none.  Another program that writes the table directly, not through
@@ -295,9 +295,11 @@ class SQLiteStore(Store):
                     return hit[1]
         return self.load(key)
 
-    def _stamp(self, key: str) -> int:
-        """Put a new stamp in ``key``'s slot and forget this process's copy: call before writing it."""
-        stamp = self._stamps.next_stamp(locking._pid)
+    def _stamp(self, key: str, stamp: Optional[int] = None) -> int:
+        """Put a new stamp (or ``stamp``, taken earlier with ``next_stamp``) in ``key``'s slot
+        and forget this process's copy: call before writing it."""
+        if stamp is None:
+            stamp = self._stamps.next_stamp(locking._pid)
         self._words[1 + (key_offset(key) & _SLOT_MASK)] = stamp
         cache = self._cache
         if cache is not None:
@@ -409,6 +411,10 @@ class SQLiteStore(Store):
         """
         conn = self._conn(key)
         self._stamp(key)
+        # Stamped after as well: a delete made without the key's lock (rm from a program) may
+        # land after a save that began later, whose copy must not outlive the row.  That
+        # stamp is taken now, so that putting it after the delete cannot fail.
+        after = self._stamps.next_stamp(locking._pid)
         try:
             if previous is None:
                 conn.execute("DELETE FROM sessions WHERE key=?", (key,))
@@ -420,9 +426,7 @@ class SQLiteStore(Store):
         except (sqlite3.Error, UnicodeEncodeError) as exc:
             raise self._error(exc, key, self.describe(key), "deleting") from exc
         finally:
-            # Stamped after as well: a delete made without the key's lock (rm from a program)
-            # may land after a save that began later, whose copy must not outlive the row.
-            self._stamp(key)
+            self._stamp(key, after)
         if row is not None:
             raise ConflictError(
                 f"session {key!r} was changed by another writer since it was loaded "
