@@ -449,6 +449,9 @@ def test_a_child_forked_while_a_thread_holds_the_writer_mutex_can_write(path):
         finally:
             writer.release()
         assert store.load("child") == b"record"
+        # the child wrote through a connection of its own: the parent's still works
+        store.save("parent", b"again", previous=b"record")
+        assert store.load("parent") == b"again"
 
 
 def test_two_store_objects_on_one_file_share_the_lock(path):
@@ -569,6 +572,50 @@ def test_closed_store_refuses_work(path):
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.load("k")
+    with pytest.raises(StoreError, match="closed"):
+        store.save("k", b"y", previous=b"x")
+    with SQLiteStore(path) as other:
+        assert other.load("k") == b"x"
+
+
+def test_writes_of_every_thread_go_through_one_connection_of_the_process(path):
+    """Rows are written through one connection per process, under the writer lock: a
+    connection drops its page cache whenever another one commits, so eight threads with a
+    connection each would read the table's pages again for nearly every write."""
+    with SQLiteStore(path, synchronous="FULL", wal_autocheckpoint=1234) as store:
+        store.save("first", b"0")
+        writer = store._writer_conn("first")
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # durability as configured
+        assert writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1234
+        written = []
+        writer.set_trace_callback(lambda sql: written.append((threading.get_ident(), sql)))
+        barrier = threading.Barrier(4)
+        errors = []
+
+        def work(n):
+            try:
+                barrier.wait(10)
+                for i in range(25):
+                    token = store.acquire(f"t{n}-{i}", 5)
+                    try:
+                        store.save(f"t{n}-{i}", b"1")
+                        store.save(f"t{n}-{i}", b"2", previous=b"1")
+                    finally:
+                        store.release(f"t{n}-{i}", token)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        writer.set_trace_callback(None)
+        assert errors == []
+        writes = [sql for _, sql in written if sql.lstrip().upper().startswith(("INSERT", "UPDATE"))]
+        assert len(writes) == 4 * 25 * 2  # every write of every thread, on this one connection
+        assert len({ident for ident, sql in written}) == 4
+        assert all(store.load(f"t{n}-{i}") == b"2" for n in range(4) for i in range(25))
 
 
 def test_errors_name_the_key_and_the_row(store):

@@ -122,8 +122,10 @@ class SQLiteStore(Store):
     telesession, is noticed by the next save (``ConflictError``, nothing overwritten)
     instead of the next read: give such setups ``cache_size=0``.
 
-    Each thread uses its own connection, and a forked child opens its own instead of
-    reusing the parent's.  Saves are conditional (``conditional = True``).
+    Each thread reads through its own connection; rows are written through one connection
+    per process, used under the writer lock, whose page cache stays warm while only it
+    commits.  A forked child opens its own instead of reusing the parent's.  Saves are
+    conditional (``conditional = True``).
     """
 
     conditional = True
@@ -148,6 +150,7 @@ class SQLiteStore(Store):
         self.path = os.path.realpath(path)
         self.location = ("sqlite", self.path)
         self._local = threading.local()
+        self._writer: Optional[_Connection] = None  # see _writer_conn
         self._all: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
         self._mutex = threading.Lock()
         self._closed = False
@@ -235,6 +238,25 @@ class SQLiteStore(Store):
         holder = getattr(self._local, "conn", None)
         if holder is not None and holder.pid == current_pid():
             return holder.conn
+        holder = self._open(key)
+        self._local.conn = holder  # replaces (and, in a forked child, abandons) an inherited one
+        return holder.conn
+
+    def _writer_conn(self, key: str) -> sqlite3.Connection:
+        """The connection this process writes rows through, used only under the writer lock.
+
+        One for all threads: a connection drops its whole page cache whenever another one
+        has committed, so per-thread connections would read the table's pages again for
+        nearly every write of a busy bot; this one keeps them while only it commits.
+        """
+        holder = self._writer
+        if holder is not None and holder.pid == current_pid():
+            return holder.conn
+        holder = self._writer = self._open(key)  # (in a forked child: abandons the parent's)
+        return holder.conn
+
+    def _open(self, key: Optional[str]) -> _Connection:
+        """A new connection of this process, set up and registered for ``close``."""
         if self._closed:
             raise StoreError(f"SQLiteStore({self.path!r}) is closed", key, self.path)
         try:
@@ -249,10 +271,9 @@ class SQLiteStore(Store):
             conn.close()
             raise self._error(exc, key, self.path, "opening") from exc
         holder = _Connection(conn)
-        self._local.conn = holder  # replaces (and, in a forked child, abandons) an inherited one
         with self._mutex:
             self._all.add(holder)
-        return conn
+        return holder
 
     def _error(self, exc: BaseException, key: Optional[str], where: str, doing: str) -> StoreError:
         text = str(exc)
@@ -361,7 +382,6 @@ class SQLiteStore(Store):
         """Write ``record`` only if the row is still ``previous`` (absent for ``None``)."""
         written = time.time()
         expires = None if ttl is None else written + ttl
-        conn = self._conn(key)
         lock_file = self._lock_file
         if lock_file is None or self._lock_file_pid != current_pid():
             lock_file = self._process_lock_file(key)
@@ -379,7 +399,7 @@ class SQLiteStore(Store):
                 key, self.describe(key))
         try:
             try:
-                cur = self._write(conn, key, record, written, expires, previous)
+                cur = self._write(self._writer_conn(key), key, record, written, expires, previous)
             finally:
                 lock_file.unlock_writer()
             changed = cur.rowcount
@@ -518,6 +538,7 @@ class SQLiteStore(Store):
         for holder in holders:
             holder.close()
         self._local = threading.local()
+        self._writer = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
