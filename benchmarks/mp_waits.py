@@ -17,6 +17,7 @@ import argparse
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,7 +70,7 @@ def run(processes: int, seconds: float, separate: bool = False) -> Dict[str, flo
     directory = tempfile.mkdtemp(prefix="telesession-waits-")
     paths = [os.path.join(directory, f"sessions-{i if separate else 0}.sqlite") for i in range(processes)]
     for path in set(paths):
-        SQLiteStore(path)  # created before the workers race to create it
+        SQLiteStore(path).close()  # created before the workers race to create it
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start_at = time.monotonic() + 1.5 + 0.3 * processes
@@ -83,8 +84,10 @@ def run(processes: int, seconds: float, separate: bool = False) -> Dict[str, flo
     ops = sum(r[0] for r in done)
     total = 0
     for path in set(paths):
-        counts = Sessions(SQLiteStore(path))
-        total += sum(counts.get(key, {"count": 0})["count"] for key in ["hot"] + [f"k{i}" for i in range(KEYS)])
+        with SQLiteStore(path) as store:
+            counts = Sessions(store)
+            total += sum(counts.get(key, {"count": 0})["count"] for key in ["hot"] + [f"k{i}" for i in range(KEYS)])
+    shutil.rmtree(directory)
     if total != ops:
         raise SystemExit(f"totals differ: {total} counted, {ops} done")
     row = {"per_s": ops / seconds, "cpu_us": sum(r[1] for r in done) / ops * 1e6}
