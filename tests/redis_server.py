@@ -91,10 +91,31 @@ def require_redis() -> str:
     return path
 
 
-def _free_port() -> int:
+CLUSTER_BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (so its port must be <= 55535)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(cluster: bool = False) -> int:
+    """A loopback port free right now; for a cluster node, one whose bus port (+10000) is free as well.
+
+    The kernel hands out ephemeral ports up to 60999 here, and a cluster node on a port above 55535
+    exits at once ("Redis port number too high"): about one port in five.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not cluster or (port + CLUSTER_BUS_OFFSET <= 65535 and _bindable(port + CLUSTER_BUS_OFFSET)):
+            return port
+    raise RuntimeError("no free loopback port with a free cluster bus port")  # pragma: no cover
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
@@ -117,9 +138,9 @@ class RedisServer:
                  config: Optional[str] = None) -> None:
         self.executable = executable
         self.directory = directory
-        self.port = _free_port()
-        self.process: Optional["subprocess.Popen[bytes]"] = None
         self.extra = list(extra)
+        self.port = _free_port(cluster="--cluster-enabled" in self.extra)
+        self.process: Optional["subprocess.Popen[bytes]"] = None
         self.aof = aof
         self.config = config
 
@@ -204,16 +225,18 @@ class RedisServer:
 def start_server(executable: str, directory: str, **options: Any) -> RedisServer:
     """A started ``RedisServer`` in ``directory``; retried on another port if the free one was taken."""
     os.makedirs(directory, exist_ok=True)
+    errors = []
     for _ in range(3):  # the free port may be taken by someone else between probe and bind
         server = RedisServer(executable, directory, **options)
         try:
             server.start()
             return server
-        except RuntimeError:
+        except RuntimeError as exc:
+            errors.append(str(exc))
             server.stop()
             if server.config is not None:
                 os.unlink(os.path.join(directory, "server.conf"))
-    pytest.fail(f"could not start {executable} in {directory}")
+    pytest.fail(f"could not start {executable} in {directory}; the last attempt: {errors[-1]}")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.redis
 if importlib.util.find_spec("redis") is None and os.environ.get("TELESESSION_REQUIRE_REDIS") != "1":
     pytest.skip("the redis package is not installed: pip install -e .[redis]", allow_module_level=True)
 
-from redis_server import RedisServer, start_server, wait_until  # noqa: E402
+from redis_server import CLUSTER_BUS_OFFSET, RedisServer, _free_port, start_server, wait_until  # noqa: E402
 
 # Thirty keys: digits, braces in every position, the empty key, and the layout's escape character.
 KEYS30 = [str(i) for i in range(18)] + ["{", "}", "{}", "}{", "{x}", "a{b}c", "}x", "x}", "", "~", "~x", "-100123:7"]
@@ -34,12 +34,6 @@ def _store(target: Any, **options: Any):
     from telesession.stores.redis import RedisStore
 
     return RedisStore(target, **options)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _threads(count: int, body: Any) -> List[BaseException]:
@@ -91,6 +85,12 @@ def _records_per_master(redis_cluster, prefix: str) -> List[int]:
         counts.append(sum(1 for _ in raw.scan_iter(match=prefix + "s:*", count=1000)))
         raw.close()
     return counts
+
+
+def test_cluster_nodes_get_ports_whose_bus_port_can_exist():
+    """A node listens on its port + 10000 too and exits on a port above 55535: the fixture never picks one."""
+    ports = [_free_port(cluster=True) for _ in range(300)]
+    assert max(ports) + CLUSTER_BUS_OFFSET <= 65535, max(ports)
 
 
 @pytest.mark.redis_topology
