@@ -3,8 +3,9 @@
 N spawned processes increment sessions of one ``SQLiteStore`` (200 keys plus one hot key
 taking 20 % of the updates) for a few seconds.  Each process wraps ``RangeLockFile._wait``
 (entered only when a lock byte was found taken by another process) and reports how often
-it waited, and how long, for the writer byte and for key bytes; the aggregate throughput
-and the CPU time per update come with it.  Run it alone on the machine::
+it waited, how long, and how much CPU the waiting took, for the writer byte and for key
+bytes; the aggregate throughput and the CPU time per update come with it.  Run it alone
+on the machine::
 
     python benchmarks/mp_waits.py                 # 1, 2 and 4 processes, 3 rounds
     python benchmarks/mp_waits.py --procs 2,4 --rounds 5 --seconds 3
@@ -35,17 +36,18 @@ KEYS = 200
 
 
 def _worker(path: str, seed: int, start_at: float, seconds: float, results: Any) -> None:
-    waits: Dict[str, List[float]] = {"writer": [0, 0.0], "key": [0, 0.0]}
+    waits: Dict[str, List[float]] = {"writer": [0, 0.0, 0.0], "key": [0, 0.0, 0.0]}  # count, s, CPU s
     plain_wait = locking.RangeLockFile._wait
 
     def counted_wait(self: locking.RangeLockFile, offset: int, timeout: float, longest_sleep: float) -> bool:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             return plain_wait(self, offset, timeout, longest_sleep)
         finally:
             tally = waits["writer" if offset == locking.WRITER_OFFSET else "key"]
             tally[0] += 1
             tally[1] += time.perf_counter() - started
+            tally[2] += time.process_time() - cpu_started
 
     locking.RangeLockFile._wait = counted_wait  # type: ignore[method-assign]
     sessions = Sessions(SQLiteStore(path), initial=lambda: {"count": 0}, lock_timeout=60)
@@ -97,6 +99,7 @@ def run(processes: int, seconds: float, separate: bool = False) -> Dict[str, flo
         row[f"{kind}_waits"] = count / ops
         row[f"{kind}_us"] = waited / ops * 1e6
         row[f"{kind}_each_us"] = waited / count * 1e6 if count else 0.0
+        row[f"{kind}_cpu_us"] = sum(r[2][kind][2] for r in done) / ops * 1e6
     return row
 
 
@@ -113,13 +116,15 @@ def main() -> None:
         for n in counts:  # interleaved, so that drift hits every count alike
             rows[n].append(run(n, args.seconds, args.separate))
     print(f"{'procs':>5} {'updates/s':>10} {'CPU us/upd':>10} {'writer waits/upd':>16} "
-          f"{'us each':>8} {'key waits/upd':>13} {'us each':>8}   (medians of {args.rounds} rounds; totals exact"
+          f"{'us each':>8} {'wait CPU us':>11} {'key waits/upd':>13} {'us each':>8} {'wait CPU us':>11}"
+          f"   (medians of {args.rounds} rounds; totals exact"
           f"{'; a database per process' if args.separate else ''})")
     for n in counts:
         def med(field: str) -> float:
             return statistics.median(r[field] for r in rows[n])
         print(f"{n:>5} {med('per_s'):>10,.0f} {med('cpu_us'):>10.0f} {med('writer_waits'):>16.2f} "
-              f"{med('writer_each_us'):>8.0f} {med('key_waits'):>13.2f} {med('key_each_us'):>8.0f}")
+              f"{med('writer_each_us'):>8.0f} {med('writer_cpu_us'):>11.1f} {med('key_waits'):>13.2f} "
+              f"{med('key_each_us'):>8.0f} {med('key_cpu_us'):>11.1f}")
 
 
 if __name__ == "__main__":
