@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from typing import Any, Dict, List, Set
