@@ -225,18 +225,18 @@ class RedisServer:
 def start_server(executable: str, directory: str, **options: Any) -> RedisServer:
     """A started ``RedisServer`` in ``directory``; retried on another port if the free one was taken."""
     os.makedirs(directory, exist_ok=True)
-    errors = []
+    last_error = ""
     for _ in range(3):  # the free port may be taken by someone else between probe and bind
         server = RedisServer(executable, directory, **options)
         try:
             server.start()
             return server
         except RuntimeError as exc:
-            errors.append(str(exc))
+            last_error = str(exc)
             server.stop()
             if server.config is not None:
                 os.unlink(os.path.join(directory, "server.conf"))
-    pytest.fail(f"could not start {executable} in {directory}; the last attempt: {errors[-1]}")
+    pytest.fail(f"could not start {executable} in {directory}; the last attempt: {last_error}")
 
 
 @pytest.fixture(scope="session")
